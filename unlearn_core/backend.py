@@ -76,11 +76,13 @@ class Backend(Protocol):
         """A module whose forward maps x[..., in] to y[..., out] for that projection.
 
         The engine registers forward hooks on it that add a delta to its output. Its
-        ``weight`` (shape [out, in]) is read, never written.
+        ``weight`` (shape [out, in]) is read (shapes, base fingerprint), never written.
         """
 
     def token_embedding(self) -> nn.Module:
-        """The module mapping token ids [B, L] to embeddings [B, L, width]; hooked to splice concept tokens."""
+        """The module mapping token ids [B, L] to embeddings [B, L, width]; hooked to splice concept tokens.
+
+        Its ``weight`` [vocab, width] is read (init words, base fingerprint), never written."""
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         """Token ids [B, L] exactly as the host tokenizes these prompts for conditioning."""
@@ -94,11 +96,10 @@ class Backend(Protocol):
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """The UNet's output for noisy latents x_t at integer timesteps t [B] under conditioning cond."""
 
-    def base_weights(self) -> dict[str, torch.Tensor]:
-        """Named tensors of the frozen text encoder used for the base-model fingerprint.
+    def modules(self) -> list[nn.Module]:
+        """Every host module a run passes through (text encoder, UNet, VAE).
 
-        Must contain "token_embedding" [vocab, width] and, for every target, its weight
-        under ``str(target)``; the fingerprint reads a few fixed entries of some of them.
+        The engine turns their requires_grad off for the run and restores the flags after.
         """
 
 

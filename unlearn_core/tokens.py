@@ -62,7 +62,7 @@ def encode(backend: Backend, prompts: list[str], token: ConceptToken | None = No
 def init_vectors(backend: Backend, init_word: str, n_vectors: int) -> torch.Tensor:
     """Start vectors from the embedding of ``init_word`` (its tokens, repeated to n_vectors)."""
     ids = backend.tokenize([init_word])[0]
-    table = backend.base_weights()["token_embedding"]
+    table = backend.token_embedding().weight
     word_ids = []
     for i in ids[1:].tolist():
         if i in CLIP_SPECIAL_IDS:

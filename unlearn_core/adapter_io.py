@@ -1,0 +1,233 @@
+"""Files users share: erasure adapters (kohya text-encoder LoRA) and concept tokens.
+
+Written atomically, never silently overwritten; read with safetensors only and validated
+(keys, shapes, base model) before anything uses them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorsError, safe_open
+from safetensors.torch import save_file
+
+from .backend import Backend
+from .lora import Deltas
+from .targets import ATTENTION, Target
+from .tokens import ConceptToken
+
+FORMAT_VERSION = "1"
+NAMESPACE = "concept_unlearn"
+_LORA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
+_FULL_SUFFIXES = ("diff",)
+
+
+class AdapterFileError(ValueError):
+    """A file that is not a usable adapter or token, or does not fit the loaded model."""
+
+
+# ---------------------------------------------------------------------------- base model fingerprint
+
+_PROBE_ROWS = (1, 320, 1125, 2368, 49406, 49407)
+
+
+def base_fingerprint(backend: Backend) -> dict:
+    """A few fixed weights of the text encoder, robust to fp16/bf16 casting (compared with tolerance)."""
+    from .targets import Target as T
+    embedding = backend.token_embedding().weight
+    rows = [r for r in _PROBE_ROWS if r < embedding.shape[0]]
+    probe = embedding[rows, :4].detach().float().flatten().tolist()
+    for target in (T(0, "fc1"), T(backend.num_layers - 1, "fc2")):
+        probe += backend.linear(target).weight[:2, :4].detach().float().flatten().tolist()
+    return {"width": int(backend.width), "layers": int(backend.num_layers), "probe": [round(v, 6) for v in probe]}
+
+
+def fingerprints_match(a: dict, b: dict) -> bool:
+    if a.get("width") != b.get("width") or a.get("layers") != b.get("layers"):
+        return False
+    pa, pb = torch.tensor(a.get("probe", [])), torch.tensor(b.get("probe", []))
+    return pa.shape == pb.shape and bool(torch.allclose(pa, pb, rtol=2e-2, atol=2e-3))
+
+
+# ---------------------------------------------------------------------------- writing
+
+def atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str], overwrite: bool) -> Path:
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise AdapterFileError(f"{path}: the file name must end in .safetensors")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists: choose another name or pass overwrite (--force)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def adapter_metadata(deltas: Deltas, fingerprint: dict, info: dict) -> dict[str, str]:
+    """kohya's ss_* keys (what hosts read) + our namespaced keys (``info`` e.g. concept, method, steps)."""
+    full = deltas.mode == "full"
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": "full" if full else str(deltas.rank),
+        "ss_network_alpha": "full" if full else f"{deltas.alpha:g}",
+        "ss_v2": "True",
+        "ss_base_model_version": "sd_v2",
+        f"{NAMESPACE}.format_version": FORMAT_VERSION,
+        f"{NAMESPACE}.mode": deltas.mode,
+        f"{NAMESPACE}.base_fingerprint": json.dumps(fingerprint),
+    }
+    for key, value in info.items():
+        metadata[f"{NAMESPACE}.{key}"] = value if isinstance(value, str) else json.dumps(value)
+    return metadata
+
+
+def write_adapter(path, deltas: Deltas, fingerprint: dict, info: dict | None = None,
+                  overwrite: bool = False, dtype: torch.dtype = torch.float16) -> Path:
+    return atomic_save(deltas.to_kohya(dtype), path, adapter_metadata(deltas, fingerprint, info or {}), overwrite)
+
+
+def write_token(path, token: ConceptToken, fingerprint: dict | None = None, overwrite: bool = False) -> Path:
+    metadata = {f"{NAMESPACE}.format_version": FORMAT_VERSION, f"{NAMESPACE}.token": token.name}
+    if fingerprint is not None:
+        metadata[f"{NAMESPACE}.base_fingerprint"] = json.dumps(fingerprint)
+    vectors = token.vectors.detach().float().contiguous().cpu()
+    return atomic_save({"emb_params": vectors}, path, metadata, overwrite)
+
+
+# ---------------------------------------------------------------------------- reading
+
+def _read(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterFileError(f"{path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorsError, OSError, ValueError, RuntimeError) as error:
+        raise AdapterFileError(f"{path} is not a readable .safetensors file (corrupted or truncated?): {error}") from None
+    return tensors, metadata
+
+
+@dataclass
+class AdapterFile:
+    deltas: Deltas
+    metadata: dict[str, str]
+
+    def info(self, key: str, default=None):
+        return self.metadata.get(f"{NAMESPACE}.{key}", default)
+
+    @property
+    def fingerprint(self) -> dict | None:
+        raw = self.info("base_fingerprint")
+        return json.loads(raw) if raw else None
+
+
+def validate_adapter_tensors(tensors: dict[str, torch.Tensor], name: str = "adapter") -> None:
+    if not tensors:
+        raise AdapterFileError(f"{name} holds no tensors")
+    groups: dict[str, set[str]] = {}
+    for key, tensor in tensors.items():
+        base, _, suffix = key.partition(".")
+        try:
+            Target.from_kohya(base)
+        except ValueError:
+            raise AdapterFileError(f"{name}: unexpected key {key!r}; an erasure adapter holds only "
+                                   "text-encoder LoRA keys (lora_te_text_model_encoder_layers_N_...)") from None
+        if suffix not in _LORA_SUFFIXES + _FULL_SUFFIXES:
+            raise AdapterFileError(f"{name}: unexpected key {key!r}")
+        if not torch.is_floating_point(tensor) or not bool(torch.isfinite(tensor).all()):
+            raise AdapterFileError(f"{name}: {key} is not a finite floating-point tensor")
+        groups.setdefault(base, set()).add(suffix)
+    kinds = {frozenset(s) for s in groups.values()}
+    if kinds not in ({frozenset(_LORA_SUFFIXES)}, {frozenset(_FULL_SUFFIXES)}):
+        raise AdapterFileError(f"{name}: every module needs either lora_down/lora_up/alpha or diff, not a mix")
+    ranks = set()
+    for base, suffixes in groups.items():
+        if "diff" in suffixes:
+            if tensors[f"{base}.diff"].ndim != 2:
+                raise AdapterFileError(f"{name}: {base}.diff must be a matrix")
+            continue
+        down, up = tensors[f"{base}.lora_down.weight"], tensors[f"{base}.lora_up.weight"]
+        if down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1] or tensors[f"{base}.alpha"].numel() != 1:
+            raise AdapterFileError(f"{name}: {base} has inconsistent LoRA shapes {tuple(down.shape)} / {tuple(up.shape)}")
+        ranks.add(down.shape[0])
+    layers = {Target.from_kohya(b).layer for b in groups}
+    for layer in layers:
+        attention = {Target.from_kohya(b).proj for b in groups if Target.from_kohya(b).layer == layer} & set(ATTENTION)
+        if attention and attention != set(ATTENTION):
+            raise AdapterFileError(f"{name}: layer {layer} adapts only {sorted(attention)} of q/k/v/out; "
+                                   "hosts need all four attention projections")
+    if len(ranks) > 1:
+        raise AdapterFileError(f"{name}: mixed LoRA ranks {sorted(ranks)} are not supported")
+
+
+def check_against_backend(deltas: Deltas, metadata: dict[str, str], backend: Backend, name: str,
+                          allow_other_base: bool) -> None:
+    for t in deltas.targets:
+        if t.layer >= backend.num_layers:
+            raise AdapterFileError(f"{name} adapts layer {t.layer}, but this model's conditioning uses layers "
+                                   f"0..{backend.num_layers - 1}: it was made for another model")
+        expected = tuple(backend.linear(t).weight.shape)
+        if deltas.shapes[t] != expected:
+            raise AdapterFileError(f"{name}: {t} has shape {deltas.shapes[t]}, this model's is {expected}: "
+                                   "the adapter was made for another model")
+    raw = metadata.get(f"{NAMESPACE}.base_fingerprint")
+    if raw and not allow_other_base and not fingerprints_match(json.loads(raw), base_fingerprint(backend)):
+        raise AdapterFileError(f"{name} was made for another base model (its text-encoder fingerprint differs); "
+                               "use it with the model it was made for, or allow other bases (--force-base)")
+
+
+def read_adapter(path, backend: Backend | None = None, allow_other_base: bool = False) -> AdapterFile:
+    """Read and validate an adapter; with a backend, also check it fits that model."""
+    tensors, metadata = _read(path)
+    name = Path(path).name
+    validate_adapter_tensors(tensors, name)
+    if metadata.get("ss_v2", "True") not in ("True", "true") or metadata.get("ss_base_model_version", "sd_v2") not in ("sd_v2", "sd_2.1", "sd_2.0"):
+        raise AdapterFileError(f"{name} is marked for {metadata.get('ss_base_model_version')}, not Stable Diffusion 2.x")
+    deltas = Deltas.from_kohya(tensors)
+    if backend is not None:
+        check_against_backend(deltas, metadata, backend, name, allow_other_base)
+    return AdapterFile(deltas, metadata)
+
+
+def read_token(path, backend: Backend | None = None, name: str | None = None) -> ConceptToken:
+    """A concept token file (``emb_params`` [n, width]); ``name`` defaults to the file's stem."""
+    tensors, metadata = _read(path)
+    file = Path(path).name
+    if list(tensors) != ["emb_params"]:
+        raise AdapterFileError(f"{file}: a concept token file holds exactly one tensor 'emb_params', found {sorted(tensors)}")
+    vectors = tensors["emb_params"].float()
+    if vectors.ndim == 1:
+        vectors = vectors.unsqueeze(0)
+    if vectors.ndim != 2 or not bool(torch.isfinite(vectors).all()):
+        raise AdapterFileError(f"{file}: emb_params must be a finite [n_vectors, width] tensor, got {tuple(vectors.shape)}")
+    if backend is not None and vectors.shape[1] != backend.width:
+        raise AdapterFileError(f"{file} has {vectors.shape[1]}-wide vectors, this model's text encoder is "
+                               f"{backend.width} wide: the token was made for another model")
+    token_name = name or metadata.get(f"{NAMESPACE}.token") or Path(path).stem
+    return ConceptToken(token_name, vectors)
+
+
+def inspect(path) -> dict:
+    """Metadata and tensor summary of an adapter or token file, for humans (``concept-unlearn inspect``)."""
+    tensors, metadata = _read(path)
+    decoded = {}
+    for key, value in metadata.items():
+        try:
+            decoded[key] = json.loads(value) if key.startswith(NAMESPACE) and value[:1] in "[{" else value
+        except json.JSONDecodeError:
+            decoded[key] = value
+    kind = "concept token" if list(tensors) == ["emb_params"] else "erasure adapter"
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    return {"file": str(path), "kind": kind, "tensors": len(tensors), "bytes": size, "metadata": decoded}

@@ -1,0 +1,127 @@
+"""Run configurations: dataclasses validated at construction, errors name the field."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .targets import PRESETS, Target
+from .tokens import check_token_name
+
+METHODS = ("weighted", "fewshot", "anchor")
+DEFAULT_PRESERVE = ("a photo", "a painting", "a photo of a person", "a landscape", "an animal", "")
+
+
+def _require(condition: bool, name: str, message: str) -> None:
+    if not condition:
+        raise ValueError(f"{name}: {message}")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Which projections get deltas and what shape they have.
+
+    mode "lora": low-rank deltas (small files). mode "full": dense deltas of the whole weight
+    (full fine-tuning of those weights; files as large as the weights unless ``compress_rank``
+    turns the result into a LoRA by SVD).
+    """
+
+    preset: str = "fewshot"
+    last_k: int = 1
+    targets: tuple[str, ...] = ()
+    mode: str = "lora"
+    rank: int = 4
+    alpha: float | None = None
+    compress_rank: int | None = None
+
+    def __post_init__(self):
+        _require(self.preset in PRESETS, "preset", f"must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        _require(self.last_k >= 1, "last_k", f"must be >= 1, got {self.last_k}")
+        _require(self.mode in ("lora", "full"), "mode", f"must be 'lora' or 'full', got {self.mode!r}")
+        _require(1 <= self.rank <= 1024, "rank", f"must be between 1 and 1024, got {self.rank}")
+        _require(self.alpha is None or self.alpha > 0, "alpha", f"must be > 0, got {self.alpha}")
+        _require(self.compress_rank is None or self.compress_rank >= 1, "compress_rank", "must be >= 1")
+        _require(self.compress_rank is None or self.mode == "full", "compress_rank",
+                 "only applies to mode 'full' (a LoRA is already low-rank)")
+        for t in self.targets:
+            try:
+                Target.parse(t)
+            except ValueError as error:
+                raise ValueError(f"targets: {error}") from None
+
+
+@dataclass(frozen=True)
+class TokenConfig:
+    """Textual inversion: learn ``n_vectors`` embeddings for a new token."""
+
+    token: str
+    n_vectors: int = 1
+    init_word: str = "object"
+    kind: str = "object"  # prompt templates: "object" or "style"
+    steps: int = 200
+    lr: float = 5e-3
+    batch_size: int = 2
+    seed: int = 0
+
+    def __post_init__(self):
+        try:
+            check_token_name(self.token)
+        except ValueError as error:
+            raise ValueError(f"token: {error}") from None
+        _require(1 <= self.n_vectors <= 16, "n_vectors", f"must be between 1 and 16, got {self.n_vectors}")
+        _require(bool(self.init_word.strip()), "init_word", "must be a word such as 'object' or 'style'")
+        _require(self.kind in ("object", "style"), "kind", f"must be 'object' or 'style', got {self.kind!r}")
+        _require(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+        _require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class EraseConfig:
+    """Unlearn a concept: a weighted sum of erase terms and a preserve term.
+
+    method "fewshot":  gradient ascent on the denoising loss of the example images (Fuchi & Takagi 2024).
+    method "anchor":   the concept prompts' prediction is pulled to the frozen model's for ``anchor``.
+    method "weighted": both erase terms, weighted by ``ascent_weight`` and ``anchor_weight``.
+    All methods add ``preserve_weight`` x (keep the frozen conditioning of ``preserve`` prompts).
+    """
+
+    concept: str
+    synonyms: tuple[str, ...] = ()
+    method: str = "weighted"
+    kind: str = "object"
+    anchor: str = "a photo"
+    preserve: tuple[str, ...] = DEFAULT_PRESERVE
+    steps: int = 60
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    batch_size: int = 2
+    ascent_weight: float = 1.0
+    anchor_weight: float = 1.0
+    preserve_weight: float = 1.0
+    seed: int = 0
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def __post_init__(self):
+        _require(bool(self.concept.strip()), "concept", "is empty; name the concept to erase, e.g. 'a red star'")
+        _require(self.method in METHODS, "method", f"must be one of {', '.join(METHODS)}, got {self.method!r}")
+        _require(self.kind in ("object", "style"), "kind", f"must be 'object' or 'style', got {self.kind!r}")
+        _require(all(s.strip() for s in self.synonyms), "synonyms", "contains an empty entry")
+        _require(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+        _require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "must be two numbers in [0, 1)")
+        _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        for name in ("ascent_weight", "anchor_weight", "preserve_weight"):
+            _require(getattr(self, name) >= 0, name, "must be >= 0")
+
+    @property
+    def needs_images(self) -> bool:
+        return self.method in ("fewshot", "weighted") and self.ascent_weight > 0
+
+    @classmethod
+    def fewshot_paper(cls, concept: str, **overrides) -> "EraseConfig":
+        """Fuchi & Takagi 2024's published settings: full weights of fc1/fc2 of every layer +
+        self-attention of the last layer, Adam lr 1e-5 betas (0.9, 0.98), batch 2, 10 steps,
+        no preserve term."""
+        settings = dict(method="fewshot", steps=10, lr=1e-5, betas=(0.9, 0.98), batch_size=2,
+                        preserve_weight=0.0, lora=LoraConfig(preset="fewshot", mode="full"))
+        settings.update(overrides)
+        return cls(concept=concept, **settings)

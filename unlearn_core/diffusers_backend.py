@@ -1,0 +1,160 @@
+"""Backend over a diffusers StableDiffusionPipeline; loading from folders and single SD2 files.
+
+diffusers is imported only here (lazily), so hosts without it can use the rest of the engine.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .backend import NoiseSchedule, UnsupportedModelError
+from .targets import Target
+
+CONFIG_DIR = Path(__file__).parent / "sd2_config"
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn\.(q|k|v|out)_proj|mlp\.(fc1|fc2))$")
+
+
+class ModelLoadError(ValueError):
+    """The model path cannot be loaded as a Stable Diffusion 2.x model."""
+
+
+def check_sd2(pipe) -> None:
+    """Refuse pipelines that are not SD2-architecture, naming what was found."""
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        raise UnsupportedModelError("this is an SDXL model (two text encoders); Concept Unlearn supports SD 2.x only")
+    text_config = pipe.text_encoder.config
+    width = text_config.hidden_size
+    cross = pipe.unet.config.cross_attention_dim
+    activation = getattr(text_config, "hidden_act", "?")
+    if cross == 2048:
+        raise UnsupportedModelError(f"UNet cross-attention size {cross} is SDXL's; Concept Unlearn supports SD 2.x only")
+    if activation == "quick_gelu" or width == 768:
+        raise UnsupportedModelError(
+            f"this looks like Stable Diffusion 1.x (text encoder {width} wide, {activation}); "
+            "Concept Unlearn supports SD 2.x (OpenCLIP text encoder, 1024 wide, gelu)")
+    if width != cross:
+        raise UnsupportedModelError(f"text encoder width {width} does not match the UNet's cross-attention size {cross}: "
+                                    "not a Stable Diffusion 2.x model")
+
+
+class DiffusersBackend:
+    """Adapts a StableDiffusionPipeline to the engine's Backend protocol. The pipeline is never modified."""
+
+    def __init__(self, pipe, device: str | torch.device | None = None):
+        check_sd2(pipe)
+        self.pipe = pipe
+        self.text_encoder = pipe.text_encoder
+        self.device = torch.device(device) if device is not None else pipe.unet.device
+        self.width = int(self.text_encoder.config.hidden_size)
+        self._linears: dict[Target, nn.Linear] = {}
+        for name, module in self.text_encoder.named_modules():
+            match = _LAYER_RE.search(name)
+            if match and isinstance(module, nn.Linear):
+                self._linears[Target(int(match.group(1)), match.group(2) or match.group(3))] = module
+        self.num_layers = 1 + max((t.layer for t in self._linears), default=-1)
+        if self.num_layers == 0:
+            raise UnsupportedModelError("no transformer layers found in the text encoder")
+        scheduler_config = dict(pipe.scheduler.config)
+        from diffusers import DDPMScheduler
+
+        train_schedule = DDPMScheduler.from_config(scheduler_config)
+        self.schedule = NoiseSchedule(train_schedule.alphas_cumprod.float().cpu(),
+                                      scheduler_config.get("prediction_type", "epsilon"))
+        self.latent_size = int(pipe.unet.config.sample_size)
+        self.resolution = self.latent_size * (2 ** (len(pipe.vae.config.block_out_channels) - 1))
+
+    def linear(self, target: Target) -> nn.Module:
+        try:
+            return self._linears[target]
+        except KeyError:
+            raise ValueError(f"the text encoder has no projection {target} (layers 0..{self.num_layers - 1})") from None
+
+    def token_embedding(self) -> nn.Module:
+        return self.text_encoder.get_input_embeddings()
+
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        tokenizer = self.pipe.tokenizer
+        return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids
+
+    def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(ids.to(self.text_encoder.device))[0]
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        pixels = (images * 2 - 1).to(vae.device, vae.dtype)
+        return vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        unet = self.pipe.unet
+        return unet(x_t.to(unet.dtype), t, encoder_hidden_states=cond.to(unet.dtype)).sample
+
+    def modules(self) -> list[nn.Module]:
+        return [self.text_encoder, self.pipe.unet, self.pipe.vae]
+
+
+# ---------------------------------------------------------------------------- loading
+
+def _single_file_family(path: Path) -> str:
+    """'sd2', 'sd1', 'sdxl' or 'unknown', from the checkpoint's key names (nothing is unpickled)."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                keys = list(f.keys())
+        except Exception as error:  # safetensors raises several types for damaged files
+            raise ModelLoadError(f"{path} is not a readable .safetensors checkpoint: {error}") from None
+    else:
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except Exception as error:  # torch raises many types for bad or unsafe pickles
+            raise ModelLoadError(f"{path} cannot be read safely as a checkpoint ({error.__class__.__name__}); "
+                                 "convert it to .safetensors") from None
+        keys = list(state.get("state_dict", state))
+    if any(k.startswith("conditioner.embedders.") for k in keys):
+        return "sdxl"
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        return "sd2"
+    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
+        return "sd1"
+    return "unknown"
+
+
+def load_pipeline(path, prediction_type: str | None = None, dtype: torch.dtype = torch.float32):
+    """A StableDiffusionPipeline from a diffusers folder or a single SD2 .safetensors/.ckpt file.
+
+    Nothing is downloaded. Single files use the SD2 configs shipped with this package; their
+    prediction type is v_prediction (SD2 768) unless the file name says 512/base or
+    ``prediction_type`` is given.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"model path {path} does not exist: give a diffusers folder (with model_index.json) "
+                             "or an SD2 .safetensors/.ckpt file")
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ModelLoadError(f"{path} is a folder without model_index.json: not a diffusers model folder")
+        pipe = StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True, torch_dtype=dtype,
+                                                       safety_checker=None, requires_safety_checker=False)
+    elif path.suffix in (".safetensors", ".ckpt"):
+        family = _single_file_family(path)
+        if family != "sd2":
+            found = {"sd1": "Stable Diffusion 1.x", "sdxl": "SDXL"}.get(family, "no Stable Diffusion checkpoint")
+            raise UnsupportedModelError(f"{path.name} holds {found}; Concept Unlearn supports SD 2.x only")
+        if prediction_type is None:
+            prediction_type = "epsilon" if re.search(r"512|base", path.name, re.I) else "v_prediction"
+        pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(CONFIG_DIR), local_files_only=True,
+                                                        torch_dtype=dtype, safety_checker=None,
+                                                        requires_safety_checker=False)
+    else:
+        raise ModelLoadError(f"{path.name}: expected a diffusers folder or a .safetensors/.ckpt file")
+    if prediction_type is not None:
+        pipe.scheduler = pipe.scheduler.from_config(pipe.scheduler.config, prediction_type=prediction_type)
+    check_sd2(pipe)
+    return pipe

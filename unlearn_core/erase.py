@@ -1,0 +1,116 @@
+"""Unlearn Concept LoRA: train text-encoder deltas that erase a concept and keep the rest."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from . import objectives
+from .backend import Backend
+from .config import EraseConfig
+from .inversion import encode_latents
+from .lora import Deltas, target_shapes
+from .prompts import sample_prompts
+from .targets import resolve_targets
+from .tokens import ConceptToken, encode
+from .train import Callback, PassCounter, noisy_batch, run, training_context
+
+NOISE_ONLY_LATENT_SIZE = 64  # latent side used by the anchor term when no images are given (SD2-base: 64)
+
+
+@dataclass
+class EraseResult:
+    deltas: Deltas
+    config: EraseConfig
+    history: list[dict[str, float]]
+    seconds: float
+    unet_passes: int
+    token: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def info(self) -> dict:
+        """What the adapter file records about how it was made."""
+        c, lora = self.config, self.config.lora
+        return {
+            "concept": c.concept, "synonyms": list(c.synonyms), "token": self.token or "", "method": c.method,
+            "kind": c.kind, "anchor": c.anchor, "steps": c.steps, "lr": c.lr, "seed": c.seed,
+            "targets": lora.preset if not lora.targets else list(lora.targets),
+            "weights": {"ascent": c.ascent_weight, "anchor": c.anchor_weight, "preserve": c.preserve_weight},
+            "final_losses": self.history[-1] if self.history else {},
+            "seconds": round(self.seconds, 2), "unet_passes": self.unet_passes,
+        }
+
+
+def erase_subjects(config: EraseConfig, token: ConceptToken | None) -> list[str]:
+    subjects = [config.concept.strip(), *config.synonyms]
+    return subjects + ([token.name] if token is not None else [])
+
+
+def _noise_only_batch(backend: Backend, batch_size: int, generator: torch.Generator):
+    """No images: pure-noise latents at high timesteps, where the prompt decides the layout."""
+    size = getattr(backend, "latent_size", NOISE_ONLY_LATENT_SIZE)
+    schedule = backend.schedule
+    x_t = torch.randn(batch_size, 4, size, size, generator=generator).to(backend.device)
+    t = torch.randint(schedule.num_timesteps // 2, schedule.num_timesteps, (batch_size,), generator=generator)
+    return None, None, t.to(backend.device), x_t
+
+
+def erase(backend: Backend, config: EraseConfig, images: torch.Tensor | None = None,
+          token: ConceptToken | None = None, callback: Callback | None = None) -> EraseResult:
+    """Train deltas that erase ``config.concept`` (plus synonyms and ``token``) from the text encoder."""
+    if config.needs_images and (images is None or len(images) == 0):
+        raise ValueError(f"method {config.method!r} needs example images of the concept; "
+                         "give 4-5 images, or use method 'anchor'")
+    start = time.perf_counter()
+    generator = torch.Generator().manual_seed(config.seed)
+    lora = config.lora
+    targets = resolve_targets(lora.preset, backend.num_layers, lora.last_k, lora.targets)
+    deltas = Deltas(target_shapes(backend.linear, targets), lora.mode, lora.rank, lora.alpha, config.seed)
+    deltas.to(backend.device)
+    token = ConceptToken(token.name, token.vectors.detach()) if token is not None else None
+    subjects = erase_subjects(config, token)
+    counter = PassCounter(backend)
+    use_ascent = config.method in ("fewshot", "weighted") and config.ascent_weight > 0
+    use_anchor = config.method in ("anchor", "weighted") and config.anchor_weight > 0
+    use_preserve = config.preserve_weight > 0 and len(config.preserve) > 0
+
+    with training_context(backend), deltas.inject(backend.linear):
+        latents = encode_latents(backend, images) if images is not None and len(images) else None
+        with torch.no_grad(), deltas.off():
+            anchor_cond = encode(backend, [config.anchor]) if use_anchor else None
+            preserve_cond = encode(backend, list(config.preserve)) if use_preserve else None
+
+        def loss_fn(_step):
+            if latents is not None:
+                x0, noise, t, x_t = noisy_batch(latents, backend.schedule, config.batch_size, generator)
+            else:
+                x0, noise, t, x_t = _noise_only_batch(backend, config.batch_size, generator)
+            prompts = sample_prompts(subjects, config.kind, config.batch_size, generator)
+            prediction = counter(x_t, t, encode(backend, prompts, token))
+            terms = {}
+            loss = torch.zeros((), device=prediction.device)
+            if use_ascent and x0 is not None:
+                terms["ascent"] = objectives.ascent(prediction, backend.schedule.target(x0, noise, t))
+                loss = loss + config.ascent_weight * terms["ascent"]
+            if use_anchor:
+                with torch.no_grad(), deltas.off():
+                    anchor_prediction = counter(x_t, t, anchor_cond.expand(len(prompts), -1, -1))
+                terms["anchor"] = objectives.anchor(prediction, anchor_prediction)
+                loss = loss + config.anchor_weight * terms["anchor"]
+            if use_preserve:
+                terms["preserve"] = objectives.preserve(encode(backend, list(config.preserve)), preserve_cond)
+                loss = loss + config.preserve_weight * terms["preserve"]
+            terms["loss"] = loss
+            return terms
+
+        optimizer = torch.optim.Adam(deltas.parameters(), lr=config.lr, betas=tuple(config.betas))
+        history = run(loss_fn, deltas.parameters(), optimizer, config.steps, callback)
+
+    deltas = deltas.cpu()
+    notes = []
+    if lora.compress_rank:
+        deltas = deltas.compress(lora.compress_rank)
+        notes.append(f"full-weight deltas compressed to a rank-{lora.compress_rank} LoRA by SVD")
+    return EraseResult(deltas, config, history, time.perf_counter() - start, counter.count,
+                       token.name if token else None, notes)
