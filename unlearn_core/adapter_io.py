@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorsError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .backend import Backend
@@ -114,7 +114,7 @@ def _read(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
             tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except (SafetensorsError, OSError, ValueError, RuntimeError) as error:
+    except Exception as error:  # safetensors' error types differ between versions (0.3 in A1111's venv)
         raise AdapterFileError(f"{path} is not a readable .safetensors file (corrupted or truncated?): {error}") from None
     return tensors, metadata
 

@@ -1,0 +1,265 @@
+"""concept-unlearn: learn concept tokens, erase concepts, generate and inspect, over diffusers."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EPILOG = """\
+file sizes (SD2, fewshot targets = fc1/fc2 of 23 layers + attention of the last):
+  --mode lora --rank 4       about 2 MB    (default; loads in ComfyUI, A1111 and diffusers)
+  --mode full                about 400 MB  (kohya .diff keys: A1111 and ComfyUI load them, diffusers does not)
+  --mode full --compress-rank 8   about 4 MB (full fine-tuning, then SVD to a LoRA every host loads)
+"""
+
+
+def _progress(total: int, description: str):
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=description, unit="step", leave=True)
+
+    def callback(info):
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in info.losses.items()})
+        if info.step == info.total:
+            bar.close()
+    return callback
+
+
+def _load(args):
+    from .diffusers_backend import DiffusersBackend, load_pipeline
+
+    pipe = load_pipeline(args.model, prediction_type=args.prediction_type)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, DiffusersBackend(pipe, device=args.device)
+
+
+def _images(args, backend):
+    from .images import load_images
+
+    images, notes = load_images(args.images, args.resolution or backend.resolution)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    return images
+
+
+def _check_out(path: str, force: bool) -> Path:
+    path = Path(path)
+    if path.exists() and not force:
+        raise FileExistsError(f"{path} already exists: choose another --out or pass --force")
+    return path
+
+
+def cmd_learn_token(args) -> None:
+    from .adapter_io import base_fingerprint, write_token
+    from .config import TokenConfig
+    from .inversion import learn_token
+
+    config = TokenConfig(token=args.token, n_vectors=args.vectors, init_word=args.init_word, kind=args.kind,
+                         steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
+    out = _check_out(args.out, args.force)
+    _, backend = _load(args)
+    images = _images(args, backend)
+    result = learn_token(backend, images, config, _progress(config.steps, f"learning {config.token}"))
+    write_token(out, result.token, base_fingerprint(backend), overwrite=args.force)
+    print(f"wrote {out}: token {config.token!r}, {config.n_vectors} vector(s), loss "
+          f"{result.history[0]['loss']:.4f} -> {result.history[-1]['loss']:.4f}, {result.seconds:.1f} s")
+
+
+def erase_config_from_args(args):
+    from .config import EraseConfig, LoraConfig
+
+    lora = LoraConfig(preset=args.preset, last_k=args.last_k, targets=tuple(args.target or ()), mode=args.mode,
+                      rank=args.rank, alpha=args.alpha, compress_rank=args.compress_rank)
+    chosen = {k: v for k, v in dict(synonyms=tuple(args.synonym or ()), kind=args.kind, anchor=args.anchor,
+                                    steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+                                    ascent_weight=args.ascent_weight, anchor_weight=args.anchor_weight,
+                                    preserve_weight=args.preserve_weight).items() if v is not None}
+    if args.preserve is not None:
+        chosen["preserve"] = tuple(args.preserve)
+    if args.paper_settings:
+        overrides = {k: v for k, v in chosen.items() if k in ("synonyms", "kind", "seed")}
+        return EraseConfig.fewshot_paper(args.concept, **overrides)
+    defaults_lr = {"full": 1e-5}
+    chosen.setdefault("lr", defaults_lr.get(lora.mode, 1e-3))
+    return EraseConfig(concept=args.concept, method=args.method, lora=lora, **chosen)
+
+
+def cmd_erase(args) -> None:
+    from .adapter_io import base_fingerprint, read_token, write_adapter
+    from .erase import erase
+    from .plots import loss_curve
+
+    config = erase_config_from_args(args)
+    out = _check_out(args.out, args.force)
+    _, backend = _load(args)
+    images = _images(args, backend) if args.images else None
+    token = read_token(args.token, backend) if args.token else None
+    result = erase(backend, config, images, token, _progress(config.steps, f"erasing {config.concept!r}"))
+    write_adapter(out, result.deltas, base_fingerprint(backend), result.info(), overwrite=args.force)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    curve = out.with_suffix(".loss.png")
+    if not curve.exists() or args.force:
+        loss_curve(result.history, f"erase {config.concept!r} ({config.method})").save(curve)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB) and {curve.name}: {config.method}, {config.steps} steps, "
+          f"{result.seconds:.1f} s, {result.unet_passes} UNet passes")
+
+
+def apply_adapter_to_pipeline(pipe, backend, path, strength: float, allow_other_base: bool) -> None:
+    """Validate the file, then apply it with diffusers' own loader (LoRA) or by adding .diff to our copy."""
+    import torch
+
+    from .adapter_io import read_adapter
+
+    adapter = read_adapter(path, backend, allow_other_base)
+    if adapter.deltas.mode == "lora":
+        pipe.load_lora_weights(str(path), adapter_name="erasure")
+        pipe.set_adapters(["erasure"], adapter_weights=[strength])
+        return
+    with torch.no_grad():  # diffusers does not read kohya .diff keys; this pipeline is our own copy
+        for target in adapter.deltas.targets:
+            weight = backend.linear(target).weight
+            weight += strength * adapter.deltas.delta_weight(target).to(weight.dtype, weight.device)
+
+
+def cmd_generate(args) -> None:
+    import torch
+
+    from .adapter_io import read_token
+
+    out = _check_out(args.out, args.force)
+    pipe, backend = _load(args)
+    if args.token:
+        token = read_token(args.token, backend)
+        pipe.load_textual_inversion(args.token, token=token.name)
+    if args.adapter:
+        apply_adapter_to_pipeline(pipe, backend, args.adapter, args.strength, args.force_base)
+    size = args.resolution or backend.resolution
+    generator = torch.Generator().manual_seed(args.seed)
+    image = pipe(args.prompt, num_inference_steps=args.sample_steps, guidance_scale=args.guidance,
+                 height=size, width=size, generator=generator).images[0]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out)
+    print(f"wrote {out}")
+
+
+def cmd_inspect(args) -> None:
+    from .adapter_io import inspect
+
+    print(json.dumps(inspect(args.file), indent=2))
+
+
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(Path(args.out), force=args.force)
+
+
+def _model_options(parser) -> None:
+    parser.add_argument("--model", required=True, help="diffusers folder (model_index.json) or SD2 .safetensors/.ckpt")
+    parser.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,
+                        help="override the model's prediction type (single files: v unless named 512/base)")
+    parser.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: where the model is)")
+    parser.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the model's)")
+    parser.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="concept-unlearn", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("learn-token", help="learn a concept token (textual inversion) from example images")
+    _model_options(p)
+    p.add_argument("--images", required=True, help="folder with 1 or more example images")
+    p.add_argument("--token", required=True, help="token name used in prompts, e.g. <my-cat>")
+    p.add_argument("--out", required=True, help="output .safetensors (emb_params; loads in ComfyUI, A1111, diffusers)")
+    p.add_argument("--vectors", type=int, default=1, help="number of embedding vectors (default 1)")
+    p.add_argument("--init-word", default="object", help="word whose embedding starts the token (default object)")
+    p.add_argument("--kind", choices=("object", "style"), default="object", help="prompt templates to use")
+    p.add_argument("--steps", type=int, default=200, help="optimisation steps (default 200)")
+    p.add_argument("--lr", type=float, default=5e-3, help="learning rate (default 5e-3)")
+    p.add_argument("--batch-size", type=int, default=2, help="images per step (default 2)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same result)")
+    p.set_defaults(func=cmd_learn_token)
+
+    p = sub.add_parser("erase", help="train an erasure adapter (text-encoder LoRA) for a concept",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    _model_options(p)
+    p.add_argument("--concept", required=True, help="the concept as it appears in prompts, e.g. 'a red star'")
+    p.add_argument("--images", help="folder with 4-5 example images (needed by methods fewshot and weighted)")
+    p.add_argument("--token", help="a learned concept token file to erase as well")
+    p.add_argument("--synonym", action="append", help="another phrase for the concept (repeatable)")
+    p.add_argument("--method", choices=("weighted", "fewshot", "anchor"), default="weighted",
+                   help="fewshot: gradient ascent on the images' denoising loss; anchor: map the concept to "
+                        "--anchor; weighted: both (default)")
+    p.add_argument("--paper-settings", action="store_true",
+                   help="Fuchi & Takagi 2024 exactly: fewshot, full weights, Adam lr 1e-5 betas (0.9, 0.98), "
+                        "batch 2, 10 steps, no preserve term (other options ignored except synonyms/kind/seed)")
+    p.add_argument("--kind", choices=("object", "style"), default="object", help="prompt templates to use")
+    p.add_argument("--anchor", default=None, help="anchor prompt for the anchor term (default 'a photo')")
+    p.add_argument("--preserve", action="append", help="a prompt whose conditioning must not change (repeatable; "
+                                                        "replaces the default list)")
+    p.add_argument("--preset", choices=("fewshot", "final", "all"), default="fewshot",
+                   help="which projections to adapt (default fewshot: fc1/fc2 of every layer + last attention)")
+    p.add_argument("--last-k", type=int, default=1, help="layers adapted by --preset final (default 1)")
+    p.add_argument("--target", action="append", help="explicit LAYER.PROJ (proj: q k v out fc1 fc2); repeatable")
+    p.add_argument("--mode", choices=("lora", "full"), default="lora", help="LoRA deltas or full-weight deltas")
+    p.add_argument("--rank", type=int, default=4, help="LoRA rank (default 4)")
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default = rank)")
+    p.add_argument("--compress-rank", type=int, default=None, help="full mode: save as a LoRA of this rank (SVD)")
+    p.add_argument("--steps", type=int, default=None, help="optimisation steps (default 60)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3 LoRA, 1e-5 full)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per step (default 2)")
+    p.add_argument("--ascent-weight", type=float, default=None, help="weight of the gradient-ascent term (default 1)")
+    p.add_argument("--anchor-weight", type=float, default=None, help="weight of the anchor term (default 1)")
+    p.add_argument("--preserve-weight", type=float, default=None, help="weight of the preserve term (default 1)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default 0; same seed, same result)")
+    p.add_argument("--out", required=True, help="output adapter .safetensors (a loss curve PNG is written beside it)")
+    p.set_defaults(func=cmd_erase)
+
+    p = sub.add_parser("generate", help="generate an image, optionally with an adapter and/or a token")
+    _model_options(p)
+    p.add_argument("--prompt", required=True, help="the prompt")
+    p.add_argument("--adapter", help="erasure adapter .safetensors to apply")
+    p.add_argument("--strength", type=float, default=1.0, help="adapter strength (default 1.0)")
+    p.add_argument("--force-base", action="store_true", help="apply an adapter made for another base model anyway")
+    p.add_argument("--token", help="concept token .safetensors; its name (from the file) can be used in --prompt")
+    p.add_argument("--sample-steps", type=int, default=25, help="sampling steps (default 25)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--out", required=True, help="output PNG")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("inspect", help="print an adapter's or token's metadata as JSON")
+    p.add_argument("file", help="a .safetensors adapter or token")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("demo", help="run the whole flow end to end on a built-in model")
+    p.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
+    p.add_argument("--force", action="store_true", help="overwrite an earlier demo's files")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .adapter_io import AdapterFileError
+    from .backend import UnsupportedModelError
+    from .train import Cancelled, TrainingDiverged
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (KeyboardInterrupt, Cancelled):
+        print("cancelled: nothing was written", file=sys.stderr)
+        return 130
+    except (ValueError, FileExistsError, AdapterFileError, UnsupportedModelError, TrainingDiverged) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
