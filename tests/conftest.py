@@ -96,7 +96,7 @@ def amplify_cross_attention(pipe, gain=30.0):
 @pytest.fixture(scope="session")
 def sensitive_model_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("models") / "sensitive-sd2"
-    amplify_cross_attention(build_pipeline(seed=0)).save_pretrained(str(folder))
+    amplify_cross_attention(build_pipeline(seed=0, width=128)).save_pretrained(str(folder))
     return folder
 
 

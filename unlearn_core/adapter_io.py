@@ -225,8 +225,8 @@ def inspect(path) -> dict:
     decoded = {}
     for key, value in metadata.items():
         try:
-            decoded[key] = json.loads(value) if key.startswith(NAMESPACE) and value[:1] in "[{" else value
-        except json.JSONDecodeError:
+            decoded[key] = json.loads(value) if key.startswith(NAMESPACE) else value
+        except json.JSONDecodeError:  # plain strings (concept, method, ...) are stored as they are
             decoded[key] = value
     kind = "concept token" if list(tensors) == ["emb_params"] else "erasure adapter"
     size = sum(t.numel() * t.element_size() for t in tensors.values())

@@ -121,7 +121,7 @@ def apply_adapter_to_pipeline(pipe, backend, path, strength: float, allow_other_
     with torch.no_grad():  # diffusers does not read kohya .diff keys; this pipeline is our own copy
         for target in adapter.deltas.targets:
             weight = backend.linear(target).weight
-            weight += strength * adapter.deltas.delta_weight(target).to(weight.dtype, weight.device)
+            weight += strength * adapter.deltas.delta_weight(target).to(device=weight.device, dtype=weight.dtype)
 
 
 def cmd_generate(args) -> None:
