@@ -30,9 +30,13 @@ def _progress(total: int, description: str):
 def _load(args):
     from .diffusers_backend import DiffusersBackend, load_pipeline
 
-    pipe = load_pipeline(args.model, prediction_type=args.prediction_type)
+    import torch
+
+    pipe = load_pipeline(args.model, prediction_type=args.prediction_type, dtype=getattr(torch, args.dtype))
     pipe.set_progress_bar_config(disable=True)
-    return pipe, DiffusersBackend(pipe, device=args.device)
+    if args.device:
+        pipe.to(args.device)
+    return pipe, DiffusersBackend(pipe)
 
 
 def _images(args, backend):
@@ -161,7 +165,9 @@ def _model_options(parser) -> None:
     parser.add_argument("--model", required=True, help="diffusers folder (model_index.json) or SD2 .safetensors/.ckpt")
     parser.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,
                         help="override the model's prediction type (single files: v unless named 512/base)")
-    parser.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: where the model is)")
+    parser.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                        help="model weights' dtype (float16 halves GPU memory; deltas always train in float32)")
     parser.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the model's)")
     parser.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
 

@@ -43,11 +43,11 @@ def check_sd2(pipe) -> None:
 class DiffusersBackend:
     """Adapts a StableDiffusionPipeline to the engine's Backend protocol. The pipeline is never modified."""
 
-    def __init__(self, pipe, device: str | torch.device | None = None):
+    def __init__(self, pipe):
         check_sd2(pipe)
         self.pipe = pipe
         self.text_encoder = pipe.text_encoder
-        self.device = torch.device(device) if device is not None else pipe.unet.device
+        self.device = pipe.unet.device
         self.width = int(self.text_encoder.config.hidden_size)
         self._linears: dict[Target, nn.Linear] = {}
         for name, module in self.text_encoder.named_modules():
