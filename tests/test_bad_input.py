@@ -129,3 +129,18 @@ def test_token_of_another_width_is_refused(backend, tmp_path):
     save_file({"emb_params": torch.zeros(1, 1024)}, str(path))
     with pytest.raises(AdapterFileError, match="1024-wide vectors, this model's text encoder is 32 wide"):
         read_token(path, backend)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_ckpt_with_code_is_refused_without_running_it(tmp_path, capsys):
+    from unlearn_core.diffusers_backend import ModelLoadError
+
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {"cond_stage_model.model.x": torch.zeros(1)}, "payload": _Payload()}, path)
+    with pytest.raises(ModelLoadError, match="cannot be read safely"):
+        load_pipeline(path)
+    assert "this must never run" not in capsys.readouterr().out

@@ -109,11 +109,7 @@ def _single_file_family(path: Path) -> str:
         except Exception as error:  # safetensors raises several types for damaged files
             raise ModelLoadError(f"{path} is not a readable .safetensors checkpoint: {error}") from None
     else:
-        try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except Exception as error:  # torch raises many types for bad or unsafe pickles
-            raise ModelLoadError(f"{path} cannot be read safely as a checkpoint ({error.__class__.__name__}); "
-                                 "convert it to .safetensors") from None
+        state = _load_ckpt_safely(path)
         keys = list(state.get("state_dict", state))
     if any(k.startswith("conditioner.embedders.") for k in keys):
         return "sdxl"
@@ -122,6 +118,18 @@ def _single_file_family(path: Path) -> str:
     if any(k.startswith("cond_stage_model.transformer.") for k in keys):
         return "sd1"
     return "unknown"
+
+
+def _load_ckpt_safely(path: Path) -> dict:
+    """Tensors only (weights_only: no code runs); memory-mapped when the file's format allows."""
+    error = None
+    for mmap in (True, False):
+        try:
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+        except Exception as caught:  # torch raises many types for bad, legacy or unsafe pickles
+            error = caught
+    raise ModelLoadError(f"{path.name} cannot be read safely as a checkpoint ({error.__class__.__name__}: "
+                         f"{str(error).splitlines()[0][:200]}); convert it to .safetensors")
 
 
 def load_pipeline(path, prediction_type: str | None = None, dtype: torch.dtype = torch.float32):
