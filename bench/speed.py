@@ -115,16 +115,20 @@ def main() -> None:
         print(json.dumps(measure(args.variant, args.size, resolution, args.steps)))
         return
     root = Path(__file__).resolve().parents[1]
-    rows = []
-    for variant in VARIANTS:
+    best: dict[str, dict] = {}
+    # forwards then backwards, keeping each variant's fastest pass: load from other processes evens out
+    for variant in VARIANTS + VARIANTS[::-1]:
         out = subprocess.run([sys.executable, __file__, "--variant", variant, "--size", args.size,
                               "--resolution", str(resolution), "--steps", str(args.steps)],
                              capture_output=True, text=True, cwd=root, env={"PYTHONPATH": str(root), "PATH": ""})
         if out.returncode:
             raise SystemExit(f"{variant} failed:\n{out.stderr[-2000:]}")
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        if variant not in best or row["seconds_per_step"] < best[variant]["seconds_per_step"]:
+            best[variant] = row
+    rows = [best[v] for v in VARIANTS]
     base = rows[0]
-    print(f"erase step, SD2 {args.size} shapes, {resolution} px, batch 2, {args.steps} timed steps per variant")
+    print(f"erase step, SD2 {args.size} shapes, {resolution} px, batch 2, best of 2 runs x {args.steps} timed steps")
     print(f"{'variant':<12} {'s/step':>8} {'x engine':>9} {'peak MB':>9} {'x engine':>9}")
     for row in rows:
         print(f"{row['variant']:<12} {row['seconds_per_step']:8.2f} {row['seconds_per_step'] / base['seconds_per_step']:9.2f} "
