@@ -1,0 +1,367 @@
+"""ComfyUI nodes: thin wrappers over the engine. comfy.* is imported only when a node runs."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from ..unlearn_core import adapter_io, plots
+from ..unlearn_core.config import DEFAULT_PRESERVE, EraseConfig, LoraConfig, TokenConfig
+from ..unlearn_core.erase import erase
+from ..unlearn_core.inversion import learn_token
+from ..unlearn_core.targets import PRESETS
+from ..unlearn_core.tokens import ConceptToken, check_token_name, encode
+from . import host
+from .host import ErasureAdapter
+
+CATEGORY = "Concept Unlearn"
+SUFFIX = "|ConceptUnlearn"
+METHODS = ("weighted", "anchor", "fewshot", "fewshot-paper")
+NO_FILE = "(connected adapter)"
+SEED = ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF})
+RESOLUTION = ("INT", {"default": 512, "min": 0, "max": 1024, "step": 64,
+                      "tooltip": "Examples are centre-cropped and resized to this square size (0 keeps their size)."})
+
+
+def _backend(model, clip, vae, resolution):
+    from .comfy_backend import ComfyBackend
+
+    return ComfyBackend(model, clip, vae, latent_size=max(8, (resolution or 512) // 8))
+
+
+def _ui(result_tuple, **ui):
+    return {"ui": {"concept_unlearn": [ui]}, "result": result_tuple}
+
+
+class LearnConceptToken:
+    """Textual inversion on the loaded model; the token is also saved to models/embeddings."""
+
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = ("CONCEPT_TOKEN", "IMAGE", "STRING")
+    RETURN_NAMES = ("token", "loss_curve", "prompt_word")
+    DESCRIPTION = "Learn a new token for a concept from a few example images (textual inversion)."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL",), "clip": ("CLIP",), "vae": ("VAE",),
+                "images": ("IMAGE", {"tooltip": "4-5 example images of the concept (a batch)."}),
+                "token_name": ("STRING", {"default": "my-concept", "tooltip": "Letters, digits, <>_-. ; no spaces."}),
+                "init_word": ("STRING", {"default": "object"}),
+                "kind": (["object", "style"],),
+                "vectors": ("INT", {"default": 2, "min": 1, "max": 16}),
+                "steps": ("INT", {"default": 100, "min": 1, "max": 10000}),
+                "learning_rate": ("FLOAT", {"default": 0.005, "min": 1e-6, "max": 1.0, "step": 0.0001}),
+                "resolution": RESOLUTION,
+                "seed": SEED,
+                "save_embedding": ("BOOLEAN", {"default": True, "tooltip": "Save to models/embeddings so "
+                                               "embedding:NAME works in any prompt."}),
+                "overwrite": ("BOOLEAN", {"default": False}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    def run(self, model, clip, vae, images, token_name, init_word, kind, vectors, steps, learning_rate, resolution,
+            seed, save_embedding, overwrite, unique_id=None):
+        config = TokenConfig(token=token_name.strip(), n_vectors=vectors, init_word=init_word, kind=kind,
+                             steps=steps, lr=learning_rate, seed=seed)
+        target = None
+        if save_embedding:
+            target = host.models_folder("embeddings") / f"{config.token}.safetensors"
+            if target.exists() and not overwrite:
+                raise FileExistsError(f"embedding {target.name} already exists: choose another token name or "
+                                      "turn on overwrite")
+        backend = _backend(model, clip, vae, resolution)
+        examples = host.images_to_engine(images, resolution)
+        with torch.inference_mode(False), backend.session(examples):
+            fingerprint = adapter_io.base_fingerprint(backend)
+            result = learn_token(backend, examples, config, host.progress_callback(unique_id, "Learn Concept Token"))
+        token = result.token
+        saved = ""
+        if target is not None:
+            adapter_io.write_token(target, token, fingerprint, overwrite=overwrite)
+            saved = target.name
+        curve = host.pil_to_image(plots.loss_curve(result.history, f"token {token.name}"))
+        per_step = result.seconds / max(1, len(result.history))
+        return _ui((token, curve, f"embedding:{token.name}"), kind="token", token=token.name, vectors=token.n_vectors,
+                   steps=len(result.history), seconds_per_step=round(per_step, 3), saved=saved,
+                   final_loss=result.history[-1]["loss"] if result.history else None)
+
+
+class UnlearnConceptLoRA:
+    """Train a text-encoder LoRA that erases a concept from the loaded model (the model is not changed)."""
+
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = ("ERASURE_ADAPTER", "IMAGE")
+    RETURN_NAMES = ("adapter", "loss_curve")
+    DESCRIPTION = "Erase a concept: LoRA on the text encoder only, trained in place on the loaded model."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL",), "clip": ("CLIP",), "vae": ("VAE",),
+                "images": ("IMAGE", {"tooltip": "4-5 example images of the concept (methods weighted/fewshot)."}),
+                "concept": ("STRING", {"default": "a red star", "tooltip": "The concept as people prompt it."}),
+                "synonyms": ("STRING", {"default": "", "multiline": False, "tooltip": "Comma-separated."}),
+                "method": (list(METHODS), {"default": "weighted"}),
+                "kind": (["object", "style"],),
+                "targets": (list(PRESETS), {"default": "fewshot"}),
+                "steps": ("INT", {"default": 60, "min": 1, "max": 10000}),
+                "rank": ("INT", {"default": 4, "min": 1, "max": 256}),
+                "learning_rate": ("FLOAT", {"default": 0.001, "min": 1e-7, "max": 1.0, "step": 0.00001}),
+                "anchor": ("STRING", {"default": "a photo"}),
+                "preserve": ("STRING", {"default": "\n".join(p for p in DEFAULT_PRESERVE if p), "multiline": True,
+                                        "tooltip": "One prompt per line whose behaviour must not change."}),
+                "resolution": RESOLUTION,
+                "seed": SEED,
+            },
+            "optional": {"concept_token": ("CONCEPT_TOKEN",)},
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    @staticmethod
+    def config(concept, synonyms, method, kind, targets, steps, rank, learning_rate, anchor, preserve, seed):
+        preserve_prompts = host.split_lines(preserve) + ("",)
+        common = dict(synonyms=host.split_list(synonyms), kind=kind, anchor=anchor.strip() or "a photo",
+                      steps=steps, seed=seed, preserve=preserve_prompts)
+        if method == "fewshot-paper":
+            return EraseConfig.fewshot_paper(concept.strip(), **{**common, "lora": LoraConfig(
+                preset=targets, mode="full", compress_rank=rank)})
+        return EraseConfig(concept=concept.strip(), method=method, lr=learning_rate,
+                           lora=LoraConfig(preset=targets, rank=rank), **common)
+
+    def run(self, model, clip, vae, images, concept, synonyms, method, kind, targets, steps, rank, learning_rate,
+            anchor, preserve, resolution, seed, concept_token=None, unique_id=None):
+        config = self.config(concept, synonyms, method, kind, targets, steps, rank, learning_rate, anchor,
+                             preserve, seed)
+        backend = _backend(model, clip, vae, resolution)
+        examples = host.images_to_engine(images, resolution) if config.needs_images else None
+        with torch.inference_mode(False), backend.session(examples):
+            token = None
+            if concept_token is not None:
+                token = ConceptToken(concept_token.name, concept_token.vectors.detach().clone().float())
+            fingerprint = adapter_io.base_fingerprint(backend)
+            result = erase(backend, config, examples, token, host.progress_callback(unique_id, "Unlearn Concept"))
+        info = result.info()
+        if result.notes:
+            info["notes"] = result.notes
+        adapter = ErasureAdapter(result.deltas, fingerprint, info)
+        curve = host.pil_to_image(plots.loss_curve(result.history, f"erase {config.concept}"))
+        per_step = result.seconds / max(1, len(result.history))
+        return _ui((adapter, curve), kind="adapter", seconds_per_step=round(per_step, 3), **adapter.summary())
+
+
+class ApplyErasureAdapter:
+    """Patch the CLIP with an erasure adapter through ComfyUI's own LoRA loading (same as LoraLoader)."""
+
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = ("CLIP",)
+    DESCRIPTION = "Apply an erasure adapter (connected, or a file from models/loras) to the CLIP."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "clip": ("CLIP",),
+                "strength": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05}),
+                "lora_name": ([NO_FILE] + host.file_list("loras"),),
+            },
+            "optional": {"adapter": ("ERASURE_ADAPTER",)},
+        }
+
+    def run(self, clip, strength, lora_name, adapter=None):
+        if adapter is None:
+            if lora_name == NO_FILE:
+                raise ValueError("no adapter: connect an ERASURE_ADAPTER or pick a file in lora_name")
+            adapter = load_adapter_file(clip, lora_name, allow_other_base=False)
+        patched = host.apply_to_clip(clip, adapter, strength)
+        return _ui((patched,), kind="adapter", strength=strength, **adapter.summary())
+
+
+def load_adapter_file(clip, lora_name: str, allow_other_base: bool) -> ErasureAdapter:
+    from .comfy_backend import TextEncoderView
+
+    clip.load_model()  # the weights the conditioning will use (with any patches already on this CLIP)
+    view = TextEncoderView(clip)
+    file = adapter_io.read_adapter(host.full_path("loras", lora_name), view, allow_other_base=allow_other_base)
+    info = {k[len(adapter_io.NAMESPACE) + 1:]: _decode(v) for k, v in file.metadata.items()
+            if k.startswith(adapter_io.NAMESPACE + ".") and k not in (f"{adapter_io.NAMESPACE}.base_fingerprint",)}
+    return ErasureAdapter(file.deltas, file.fingerprint, info, source=lora_name)
+
+
+def _decode(value: str):
+    import json
+
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
+class LoadErasureAdapter:
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = ("ERASURE_ADAPTER",)
+    RETURN_NAMES = ("adapter",)
+    DESCRIPTION = "Load an erasure adapter from models/loras, checked against the connected CLIP's base model."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"clip": ("CLIP",), "lora_name": (host.file_list("loras"),),
+                             "allow_other_base": ("BOOLEAN", {"default": False})}}
+
+    def run(self, clip, lora_name, allow_other_base):
+        adapter = load_adapter_file(clip, lora_name, allow_other_base)
+        return _ui((adapter,), kind="adapter", **adapter.summary())
+
+
+class SaveErasureAdapter:
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("lora_name",)
+    DESCRIPTION = "Save to models/loras as a kohya text-encoder LoRA (loads with the stock LoraLoader)."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"adapter": ("ERASURE_ADAPTER",),
+                             "name": ("STRING", {"default": "erasure/no-concept"}),
+                             "overwrite": ("BOOLEAN", {"default": False})}}
+
+    def run(self, adapter, name, overwrite):
+        folder = host.models_folder("loras").resolve()
+        relative = name.strip().removesuffix(".safetensors")
+        path = (folder / f"{relative}.safetensors").resolve()
+        if not relative or folder not in path.parents:
+            raise ValueError(f"name {name!r} must be a relative file name inside models/loras, e.g. erasure/no-cat")
+        adapter_io.write_adapter(path, adapter.deltas, adapter.fingerprint or {}, adapter.info, overwrite=overwrite)
+        lora_name = path.relative_to(folder).as_posix()
+        return _ui((lora_name,), kind="adapter", saved=lora_name, **adapter.summary())
+
+
+class ErasureAudit:
+    """Before/after images for a list of prompts; optionally the re-learned-token attack."""
+
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = ("IMAGE", "ERASURE_ADAPTER")
+    RETURN_NAMES = ("grid", "adapter")
+    DESCRIPTION = ("Generate each prompt without and with the adapter. With attack_steps > 0 a token is re-learned "
+                   "on the erased model from the images: if it brings the concept back, the erasure is shallow.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        import_samplers = _sampler_names()
+        return {
+            "required": {
+                "model": ("MODEL",), "clip": ("CLIP",), "vae": ("VAE",), "adapter": ("ERASURE_ADAPTER",),
+                "prompts": ("STRING", {"default": "a photo of a red star\na photo of a blue circle", "multiline": True}),
+                "negative": ("STRING", {"default": ""}),
+                "strength": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05}),
+                "seed": SEED,
+                "steps": ("INT", {"default": 20, "min": 1, "max": 200}),
+                "cfg": ("FLOAT", {"default": 7.0, "min": 0.0, "max": 30.0, "step": 0.1}),
+                "sampler_name": (import_samplers[0],),
+                "scheduler": (import_samplers[1],),
+                "width": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 64}),
+                "height": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 64}),
+                "attack_steps": ("INT", {"default": 0, "min": 0, "max": 5000,
+                                         "tooltip": "0: no attack. Otherwise textual-inversion steps on the erased model."}),
+            },
+            "optional": {"images": ("IMAGE",)},
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    def run(self, model, clip, vae, adapter, prompts, negative, strength, seed, steps, cfg, sampler_name, scheduler,
+            width, height, attack_steps, images=None, unique_id=None):
+        prompt_list = list(host.split_lines(prompts))
+        if not prompt_list:
+            raise ValueError("no prompts: write one prompt per line")
+        erased = host.apply_to_clip(clip, adapter, strength)
+        rows, shifts = [], {}
+        for prompt in prompt_list:
+            before, cond_before = _generate(model, clip, vae, prompt, negative, seed, steps, cfg, sampler_name,
+                                            scheduler, width, height)
+            after, cond_after = _generate(model, erased, vae, prompt, negative, seed, steps, cfg, sampler_name,
+                                          scheduler, width, height)
+            shifts[prompt] = round(float((cond_after - cond_before).norm() / cond_before.norm().clamp_min(1e-8)), 4)
+            rows.append([host.image_to_pil(before[0]), host.image_to_pil(after[0])])
+        labels = list(prompt_list)
+        audit = {"strength": strength, "conditioning_shift": shifts}
+        if attack_steps > 0:
+            if images is None:
+                raise ValueError("the attack needs the concept's example images: connect images or set attack_steps to 0")
+            attack_image, attack_loss = _attack(model, erased, vae, images, attack_steps, seed, negative, steps, cfg,
+                                                sampler_name, scheduler, width, height, unique_id)
+            example = host.images_to_engine(images[:1], 0)[0].permute(1, 2, 0)
+            rows.append([host.image_to_pil(example), host.image_to_pil(attack_image[0])])
+            labels.append("re-learned token (example | erased)")
+            audit["attack"] = {"steps": attack_steps, "final_loss": round(attack_loss, 5)}
+        grid = plots.grid(rows, labels, ["before", f"after x{strength:g}"], cell=min(256, max(width, height)))
+        return _ui((host.pil_to_image(grid), adapter.with_info(audit=audit)), kind="audit", audit=audit,
+                   **adapter.summary())
+
+
+def _sampler_names():
+    try:
+        import comfy.samplers
+
+        return comfy.samplers.KSampler.SAMPLERS, comfy.samplers.KSampler.SCHEDULERS
+    except ImportError:
+        return ["euler"], ["normal"]
+
+
+def _conditioning(clip, text):
+    cond, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+    return [[cond, {"pooled_output": pooled}]], cond
+
+
+def _sample(model, vae, positive, negative, seed, steps, cfg, sampler_name, scheduler, width, height):
+    import comfy.sample
+
+    latent = torch.zeros([1, 4, height // 8, width // 8])
+    noise = comfy.sample.prepare_noise(latent, seed)
+    samples = comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
+                                  seed=seed, disable_pbar=True)
+    return vae.decode(samples)
+
+
+def _generate(model, clip, vae, prompt, negative, seed, steps, cfg, sampler_name, scheduler, width, height):
+    positive, cond = _conditioning(clip, prompt)
+    negative_cond, _ = _conditioning(clip, negative)
+    return _sample(model, vae, positive, negative_cond, seed, steps, cfg, sampler_name, scheduler, width, height), cond
+
+
+def _attack(model, erased_clip, vae, images, attack_steps, seed, negative, steps, cfg, sampler_name, scheduler,
+            width, height, unique_id):
+    """Re-learn a token on the erased model (the benchmark's attack) and generate with it."""
+    backend = _backend(model, erased_clip, vae, width)
+    examples = host.images_to_engine(images, min(width, height) // 64 * 64)
+    config = TokenConfig(token="<attack>", n_vectors=2, steps=attack_steps, seed=seed)
+    with torch.inference_mode(False), backend.session(examples):
+        result = learn_token(backend, examples, config, host.progress_callback(unique_id, "Audit: re-learn token"))
+        with torch.no_grad():
+            cond = encode(backend, [f"a photo of {config.token}"], result.token).detach().cpu()
+    negative_cond, _ = _conditioning(erased_clip, negative)
+    image = _sample(model, vae, [[cond, {"pooled_output": None}]], negative_cond, seed, steps, cfg, sampler_name,
+                    scheduler, width, height)
+    return image, result.history[-1]["loss"]
+
+
+NODES = {
+    "LearnConceptToken": ("Learn Concept Token", LearnConceptToken),
+    "UnlearnConceptLoRA": ("Unlearn Concept LoRA", UnlearnConceptLoRA),
+    "ApplyErasureAdapter": ("Apply Erasure Adapter", ApplyErasureAdapter),
+    "SaveErasureAdapter": ("Save Erasure Adapter", SaveErasureAdapter),
+    "LoadErasureAdapter": ("Load Erasure Adapter", LoadErasureAdapter),
+    "ErasureAudit": ("Erasure Audit", ErasureAudit),
+}
+NODE_CLASS_MAPPINGS = {name + SUFFIX: cls for name, (_, cls) in NODES.items()}
+NODE_DISPLAY_NAME_MAPPINGS = {name + SUFFIX: title for name, (title, _) in NODES.items()}
