@@ -132,12 +132,13 @@ def _load_ckpt_safely(path: Path) -> dict:
                          f"{str(error).splitlines()[0][:200]}); convert it to .safetensors")
 
 
-def load_pipeline(path, prediction_type: str | None = None, dtype: torch.dtype = torch.float32):
+def load_pipeline(path, prediction_type: str | None = None, dtype: torch.dtype = torch.float32,
+                  config_dir: str | Path = CONFIG_DIR):
     """A StableDiffusionPipeline from a diffusers folder or a single SD2 .safetensors/.ckpt file.
 
-    Nothing is downloaded. Single files use the SD2 configs shipped with this package; their
-    prediction type is v_prediction (SD2 768) unless the file name says 512/base or
-    ``prediction_type`` is given.
+    Nothing is downloaded. Single files use the diffusers configs in ``config_dir`` (default: the SD2
+    configs shipped with this package); their prediction type is v_prediction (SD2 768) unless the
+    file name says 512/base or ``prediction_type`` is given.
     """
     from diffusers import StableDiffusionPipeline
 
@@ -157,9 +158,18 @@ def load_pipeline(path, prediction_type: str | None = None, dtype: torch.dtype =
             raise UnsupportedModelError(f"{path.name} holds {found}; Concept Unlearn supports SD 2.x only")
         if prediction_type is None:
             prediction_type = "epsilon" if re.search(r"512|base", path.name, re.I) else "v_prediction"
-        pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(CONFIG_DIR), local_files_only=True,
-                                                        torch_dtype=dtype, safety_checker=None,
-                                                        requires_safety_checker=False)
+        try:
+            pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(config_dir), local_files_only=True,
+                                                            torch_dtype=dtype, safety_checker=None,
+                                                            requires_safety_checker=False)
+        except Exception as error:  # diffusers raises several types for incomplete or other-sized checkpoints
+            raise ModelLoadError(f"{path.name} does not load with the configs in {config_dir} "
+                                 f"({error.__class__.__name__}: {str(error).splitlines()[0][:200]})") from None
+        # diffusers leaves weights missing from the file as empty (meta) tensors instead of failing
+        missing = [f"{part}.{name}" for part in ("text_encoder", "unet", "vae")
+                   for name, tensor in getattr(pipe, part).state_dict().items() if tensor.is_meta]
+        if missing:
+            raise ModelLoadError(f"{path.name} lacks {len(missing)} weights (e.g. {missing[0]}): incomplete checkpoint")
     else:
         raise ModelLoadError(f"{path.name}: expected a diffusers folder or a .safetensors/.ckpt file")
     if prediction_type is not None:
