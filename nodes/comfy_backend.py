@@ -274,6 +274,7 @@ class ComfyBackend(TextEncoderView):
         return (denoised.float() - offset) / slope
 
     def modules(self) -> list[nn.Module]:
-        modules = [self.text, self.base.diffusion_model]
-        vae_model = getattr(self.vae, "first_stage_model", None)
-        return modules + ([vae_model] if vae_model is not None else [])
+        # The modules gradients pass through, i.e. the ones swapped to normal tensors in session(). Not the VAE
+        # (used under no_grad) nor SDClipModel.logit_scale: ComfyUI leaves those as inference tensors with
+        # requires_grad=True, whose flag cannot be set back outside inference mode.
+        return [self.text.transformer, self.base.diffusion_model]

@@ -56,8 +56,12 @@ def _randomise(module: torch.nn.Module, generator: torch.Generator) -> None:
                 p.zero_()
 
 
-def build_sd2_checkpoint(path: Path, seed: int = 0, v_prediction: bool = True) -> Path:
-    """Random-weight SD2 checkpoint with real SD2 shapes, built and saved by ComfyUI itself."""
+def build_sd2_checkpoint(path: Path, seed: int = 0, v_prediction: bool = True, small_unet: bool = True) -> Path:
+    """Random-weight SD2 checkpoint built and saved by ComfyUI itself.
+
+    Text encoder and VAE have the real SD2 shapes. The UNet has SD2's channels, heads and 1024-wide
+    linear cross-attention (what ComfyUI's detection of SD20 looks at) with one res block per level
+    instead of two when ``small_unet`` (2 CPU cores: a training step takes half the time)."""
     comfy_on_path()
     import comfy.ldm.models.autoencoder
     import comfy.model_detection
@@ -73,13 +77,17 @@ def build_sd2_checkpoint(path: Path, seed: int = 0, v_prediction: bool = True) -
                    'context_dim': 1024, 'num_head_channels': 64,
                    'transformer_depth_output': [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
                    'use_temporal_attention': False, 'use_temporal_resblock': False}
+    if small_unet:
+        unet_config.update(num_res_blocks=[1, 1, 1, 1], transformer_depth=[1, 1, 1, 0],
+                           transformer_depth_output=[1, 1, 1, 1, 1, 1, 0, 0])
     config = comfy.supported_models.SD20(unet_config)
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({})
     _randomise(model.diffusion_model, generator)
-    marker = model.diffusion_model.output_blocks[11][1].transformer_blocks[0].norm1.bias
-    with torch.no_grad():  # ComfyUI's SD20.model_type: std of this bias > 0.09 means v-prediction
-        marker.copy_(torch.randn(marker.shape, generator=generator) * (0.2 if v_prediction else 0.0))
+    if not small_unet:  # ComfyUI's SD20.model_type: std of output_blocks.11's norm1 bias > 0.09 means v-prediction
+        marker = model.diffusion_model.output_blocks[11][1].transformer_blocks[0].norm1.bias
+        with torch.no_grad():
+            marker.copy_(torch.randn(marker.shape, generator=generator) * (0.2 if v_prediction else 0.0))
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
     clip = comfy.sd.CLIP(config.clip_target(), model_options={"dtype": torch.float32})
     _randomise(clip.cond_stage_model, generator)
@@ -91,6 +99,270 @@ def build_sd2_checkpoint(path: Path, seed: int = 0, v_prediction: bool = True) -
     path.parent.mkdir(parents=True, exist_ok=True)
     comfy.sd.save_checkpoint(str(path), patcher, clip, vae)
     return path
+
+
+
+# ---------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    cache = os.environ.get("CONCEPT_UNLEARN_TEST_CACHE")
+    folder = Path(cache) if cache else tmp_path_factory.mktemp("checkpoints")
+    path = folder / "sd2-small-unet.safetensors"
+    if not path.exists():
+        build_sd2_checkpoint(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def comfy_models(checkpoint, tmp_path_factory):
+    """MODEL, CLIP, VAE as CheckpointLoaderSimple gives them (loaded in inference mode, like ComfyUI)."""
+    comfy_on_path()
+    import comfy.sd
+    import folder_paths
+
+    models_dir = tmp_path_factory.mktemp("models")
+    for kind in ("loras", "embeddings"):
+        (models_dir / kind).mkdir()
+        folder_paths.add_model_folder_path(kind, str(models_dir / kind), is_default=True)
+    with torch.inference_mode():
+        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
+            str(checkpoint), output_vae=True, output_clip=True,
+            embedding_directory=folder_paths.get_folder_paths("embeddings"))
+    return model, clip, vae, models_dir
+
+
+@pytest.fixture(scope="session")
+def pack():
+    comfy_on_path()
+    return load_pack()
+
+
+def node(pack, name):
+    return pack.NODE_CLASS_MAPPINGS[name + "|ConceptUnlearn"]()
+
+
+def result(output):
+    return output["result"] if isinstance(output, dict) else output
+
+
+def examples(count=2, size=64):
+    images = torch.full((count, size, size, 3), 0.9)
+    images[:, size // 4: 3 * size // 4, size // 4: 3 * size // 4, 0] = 0.1
+    return images
+
+
+class Snapshot:
+    """Everything a run could leave behind on the user's MODEL / CLIP."""
+
+    def __init__(self, model, clip):
+        self.model, self.clip = model, clip
+        self.roots = {"unet": model.model, "clip": clip.cond_stage_model}
+        self.tensors = {name: {k: v.clone() for k, v in root.state_dict().items()} for name, root in self.roots.items()}
+        self.objects = {name: {k: id(v) for k, v in root.named_parameters()} for name, root in self.roots.items()}
+        self.hooks = self._hooks()
+        self.patches = (dict(model.patches), dict(clip.patcher.patches), dict(model.object_patches))
+        self.grad_flags = {name: [p.requires_grad for p in root.parameters()] for name, root in self.roots.items()}
+
+    def _hooks(self):
+        return {name: sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in root.modules())
+                for name, root in self.roots.items()}
+
+    def assert_unchanged(self):
+        for name, root in self.roots.items():
+            after = root.state_dict()
+            assert after.keys() == self.tensors[name].keys()
+            for key, value in self.tensors[name].items():
+                assert torch.equal(after[key], value), f"{name}: {key} changed"
+            assert {k: id(v) for k, v in root.named_parameters()} == self.objects[name], f"{name}: parameters replaced"
+            assert [p.requires_grad for p in root.parameters()] == self.grad_flags[name]
+        assert self._hooks() == self.hooks, "hooks left on the modules"
+        assert (dict(self.model.patches), dict(self.clip.patcher.patches), dict(self.model.object_patches)) == self.patches
+
+
+def erase_inputs(steps=2, **overrides):
+    inputs = dict(images=examples(), concept="a red square", synonyms="red box", method="weighted", kind="object",
+                  targets="final", steps=steps, rank=2, learning_rate=1e-3, anchor="a photo",
+                  preserve="a photo of a dog", resolution=64, seed=0)
+    inputs.update(overrides)
+    return inputs
+
+
+# ---------------------------------------------------------------------------- the bridge
+
+def test_conditioning_is_comfyuis_own(pack, comfy_models):
+    """encode_ids gives exactly what CLIPTextEncode gives (same modules, same forward)."""
+    from importlib import import_module
+
+    model, clip, vae, _ = comfy_models
+    backend_mod = import_module(PACK + ".nodes.comfy_backend")
+    prompts = ["a photo of a red square", "a painting"]
+    with torch.inference_mode():
+        expected = [clip.encode_from_tokens(clip.tokenize(p)) for p in prompts]
+        backend = backend_mod.ComfyBackend(model, clip, vae, latent_size=8)
+        assert (backend.num_layers, backend.width) == (23, 1024)
+        with backend.session():
+            cond = backend.encode_ids(backend.tokenize(prompts))
+    for i, reference in enumerate(expected):
+        assert torch.equal(cond[i:i + 1].to(reference.device), reference)
+
+
+def test_gradients_reach_deltas_and_token_vectors(pack, comfy_models):
+    from importlib import import_module
+
+    model, clip, vae, _ = comfy_models
+    backend_mod = import_module(PACK + ".nodes.comfy_backend")
+    lora = import_module(PACK + ".unlearn_core.lora")
+    targets = import_module(PACK + ".unlearn_core.targets")
+    tokens = import_module(PACK + ".unlearn_core.tokens")
+    before = Snapshot(model, clip)
+    with torch.inference_mode():
+        backend = backend_mod.ComfyBackend(model, clip, vae, latent_size=8)
+        with backend.session():
+            chosen = [targets.Target(0, "fc1"), targets.Target(22, "q")]
+            deltas = lora.Deltas(lora.target_shapes(backend.linear, targets.complete_attention(chosen)), rank=2)
+            for up in deltas.up.values():
+                torch.nn.init.normal_(up, std=0.01)
+            vectors = torch.nn.Parameter(torch.randn(2, 1024) * 0.02)
+            token = tokens.ConceptToken("<sq>", vectors)
+            with deltas.inject(backend.linear):
+                cond = tokens.encode(backend, ["a photo of <sq>", "a dog"], token)
+                x_t = torch.randn(2, 4, 8, 8)
+                out = backend.predict(x_t, torch.tensor([10, 900]), cond)
+                out.pow(2).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in deltas.parameters())
+    assert vectors.grad is not None and vectors.grad.abs().sum() > 0
+    before.assert_unchanged()
+
+
+@pytest.mark.parametrize("kind", ["EPS", "V_PREDICTION"])
+def test_predict_is_the_raw_unet_output(pack, comfy_models, kind):
+    """predict(x_t, t, cond) == diffusion_model(x_t, t, context) for eps and v models, via apply_model."""
+    from importlib import import_module
+
+    import comfy.model_base
+
+    model, clip, vae, _ = comfy_models
+    backend_mod = import_module(PACK + ".nodes.comfy_backend")
+    base = model.model
+    original = base.model_sampling
+    base.model_sampling = comfy.model_base.model_sampling(base.model_config, getattr(comfy.model_base.ModelType, kind))
+    try:
+        with torch.inference_mode():
+            backend = backend_mod.ComfyBackend(model, clip, vae, latent_size=8)
+            assert backend.schedule.prediction_type == {"EPS": "epsilon", "V_PREDICTION": "v_prediction"}[kind]
+            with backend.session():
+                generator = torch.Generator().manual_seed(0)
+                x_t = torch.randn(2, 4, 8, 8, generator=generator)
+                t = torch.tensor([3, 700])
+                cond = backend.encode_ids(backend.tokenize(["a red square", "a dog"]))
+                got = backend.predict(x_t, t, cond)
+                direct = base.diffusion_model(x_t, t.float(), context=cond)
+    finally:
+        base.model_sampling = original
+    assert torch.allclose(got, direct, rtol=1e-3, atol=1e-4 * float(direct.abs().max()))
+
+
+def test_sd1_clip_is_refused_clearly(pack):
+    from importlib import import_module
+
+    import comfy.sd
+    import comfy.supported_models
+
+    backend_mod = import_module(PACK + ".nodes.comfy_backend")
+    sd1 = comfy.supported_models.SD15({"context_dim": 768, "model_channels": 320, "use_linear_in_transformer": False,
+                                       "adm_in_channels": None, "use_temporal_attention": False})
+    clip = comfy.sd.CLIP(sd1.clip_target(), model_options={"dtype": torch.float32})
+    with pytest.raises(ValueError, match="Stable Diffusion 1.x.*2.x only"):
+        backend_mod.TextEncoderView(clip)
+
+
+# ---------------------------------------------------------------------------- nodes in process
+
+def test_unlearn_node_leaves_model_and_clip_bit_identical(pack, comfy_models):
+    model, clip, vae, _ = comfy_models
+    before = Snapshot(model, clip)
+    with torch.inference_mode():
+        output = node(pack, "UnlearnConceptLoRA").run(model, clip, vae, **erase_inputs())
+    adapter, curve = result(output)
+    before.assert_unchanged()
+    assert curve.ndim == 4 and curve.shape[-1] == 3
+    assert len(adapter.deltas.targets) == 6 and adapter.info["steps"] == 2
+    assert any(float(up.abs().sum()) > 0 for up in adapter.deltas.up.values())
+    info = output["ui"]["concept_unlearn"][0]
+    assert info["concept"] == "a red square" and info["seconds_per_step"] > 0
+
+
+def test_interrupt_cancels_and_leaves_everything_unchanged(pack, comfy_models):
+    import comfy.model_management as mm
+
+    model, clip, vae, _ = comfy_models
+    before = Snapshot(model, clip)
+    mm.interrupt_current_processing(True)
+    try:
+        with torch.inference_mode(), pytest.raises(mm.InterruptProcessingException):
+            node(pack, "UnlearnConceptLoRA").run(model, clip, vae, **erase_inputs(steps=5))
+    finally:
+        mm.interrupt_current_processing(False)
+    before.assert_unchanged()
+
+
+def test_error_mid_run_leaves_everything_unchanged(pack, comfy_models):
+    model, clip, vae, _ = comfy_models
+    before = Snapshot(model, clip)
+    with torch.inference_mode(), pytest.raises(Exception, match="loss became|NaN"):
+        node(pack, "UnlearnConceptLoRA").run(model, clip, vae, **erase_inputs(steps=3, learning_rate=1e30))
+    before.assert_unchanged()
+
+
+def test_saved_adapter_through_stock_loraloader_equals_apply(pack, comfy_models):
+    import nodes as comfy_nodes  # ComfyUI's own nodes module
+
+    model, clip, vae, models_dir = comfy_models
+    with torch.inference_mode():
+        adapter, _ = result(node(pack, "UnlearnConceptLoRA").run(model, clip, vae, **erase_inputs()))
+        name = result(node(pack, "SaveErasureAdapter").run(adapter, "test/apply-equals-loader", True))[0]
+        assert (models_dir / "loras" / name).is_file()
+        with pytest.raises(FileExistsError, match="already exists"):
+            node(pack, "SaveErasureAdapter").run(adapter, "test/apply-equals-loader", False)
+        applied = result(node(pack, "ApplyErasureAdapter").run(clip, 0.8, "(connected adapter)", adapter))[0]
+        from_file = result(node(pack, "ApplyErasureAdapter").run(clip, 0.8, name))[0]
+        _, stock = comfy_nodes.LoraLoader().load_lora(model, clip, name, 1.0, 0.8)
+        prompt = "a photo of a red square"
+        conds = [c.encode_from_tokens(c.tokenize(prompt)) for c in (applied, from_file, stock, clip)]
+    assert torch.equal(conds[0], conds[2]) and torch.equal(conds[1], conds[2])
+    assert not torch.equal(conds[0], conds[3])  # the adapter does something
+    loaded = result(node(pack, "LoadErasureAdapter").run(clip, name, False))[0]
+    assert loaded.info["concept"] == "a red square" and loaded.source == name
+
+
+def test_adapter_for_another_base_is_a_clear_error(pack, comfy_models):
+    from importlib import import_module
+
+    model, clip, vae, models_dir = comfy_models
+    adapter_io = import_module(PACK + ".unlearn_core.adapter_io")
+    with torch.inference_mode():
+        adapter, _ = result(node(pack, "UnlearnConceptLoRA").run(model, clip, vae, **erase_inputs(steps=1)))
+    other = dict(adapter.fingerprint, probe=[v + 0.5 for v in adapter.fingerprint["probe"]])
+    adapter_io.write_adapter(models_dir / "loras" / "other-base.safetensors", adapter.deltas, other, adapter.info,
+                             overwrite=True)
+    with pytest.raises(ValueError, match="made for another base model"):
+        node(pack, "LoadErasureAdapter").run(clip, "other-base.safetensors", False)
+    assert result(node(pack, "LoadErasureAdapter").run(clip, "other-base.safetensors", True))[0].deltas.targets
+
+
+def test_learn_token_saves_an_embedding_comfyui_loads(pack, comfy_models):
+    model, clip, vae, models_dir = comfy_models
+    before = Snapshot(model, clip)
+    with torch.inference_mode():
+        output = node(pack, "LearnConceptToken").run(model, clip, vae, examples(), "sq-token", "object", "object", 2,
+                                                     2, 5e-3, 64, 0, True, True)
+        token, curve, word = result(output)
+        before.assert_unchanged()
+        assert word == "embedding:sq-token" and (models_dir / "embeddings" / "sq-token.safetensors").is_file()
+        tokens = clip.tokenize("a photo of embedding:sq-token")["h"][0]
+        spliced = [t[0] for t in tokens if not isinstance(t[0], int)]  # ComfyUI puts one entry per vector
+        assert torch.allclose(torch.stack(spliced).float(), token.vectors)
 
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "build":
