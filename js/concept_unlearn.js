@@ -1,0 +1,137 @@
+// Concept Unlearn front end: live loss / progress on the training nodes, adapter metadata on the others.
+// Everything is drawn on the canvas with fillText: metadata read from shared files is untrusted text and is
+// never turned into HTML.
+import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
+
+const SUFFIX = "|ConceptUnlearn";
+const EVENT = "concept_unlearn.progress";
+const LINE = 15;
+const MAX_LINES = 12;
+const MAX_CHARS = 64;
+const COLOURS = ["#4aa3ff", "#ff6b6b", "#5fd068", "#ffb347", "#c39bff"];
+
+function clean(value) {
+  // to a single printable line of bounded length (control characters removed)
+  let text = typeof value === "string" ? value : JSON.stringify(value);
+  text = String(text ?? "").replace(/[\u0000-\u001f\u007f]/g, " ");
+  return text.length > MAX_CHARS ? text.slice(0, MAX_CHARS - 1) + "\u2026" : text;
+}
+
+function infoLines(info) {
+  if (!info || typeof info !== "object") return [];
+  const order = ["concept", "synonyms", "token", "method", "steps", "rank", "modules", "strength",
+                 "seconds_per_step", "final_loss", "final_losses", "saved", "file", "audit"];
+  const lines = [];
+  for (const key of order) {
+    if (info[key] === undefined || info[key] === "" || key === "kind") continue;
+    if (key === "audit" && typeof info.audit === "object") {
+      const shift = info.audit.conditioning_shift || {};
+      for (const [prompt, value] of Object.entries(shift)) lines.push(`shift  ${clean(prompt)}: ${clean(value)}`);
+      if (info.audit.attack) lines.push(`attack: ${clean(info.audit.attack)}`);
+      continue;
+    }
+    if (key === "final_losses" && typeof info.final_losses === "object") {
+      for (const [name, value] of Object.entries(info.final_losses)) lines.push(`loss ${clean(name)}: ${Number(value).toPrecision(4)}`);
+      continue;
+    }
+    lines.push(`${key}: ${clean(info[key])}`);
+  }
+  return lines.slice(0, MAX_LINES);
+}
+
+function drawProgress(node, ctx, top) {
+  const p = node.__cuProgress;
+  if (!p) return 0;
+  const width = node.size[0] - 20;
+  ctx.save();
+  ctx.fillStyle = "#222";
+  ctx.fillRect(10, top, width, 8);
+  ctx.fillStyle = "#4aa3ff";
+  ctx.fillRect(10, top, width * Math.min(1, p.step / Math.max(1, p.total)), 8);
+  ctx.fillStyle = "#ddd";
+  ctx.font = "12px monospace";
+  const losses = Object.entries(p.losses || {}).map(([k, v]) => `${clean(k)} ${v === null ? "nan" : Number(v).toPrecision(3)}`);
+  ctx.fillText(`step ${p.step}/${p.total}  ${losses.join("  ")}`.slice(0, 90), 10, top + 22);
+  // sparkline of every loss term, each scaled to its own range
+  const history = node.__cuHistory || [];
+  const h = 40, y0 = top + 30;
+  ctx.strokeStyle = "#444";
+  ctx.strokeRect(10, y0, width, h);
+  const names = history.length ? Object.keys(history[history.length - 1]) : [];
+  names.forEach((name, i) => {
+    const values = history.map((row) => row[name]).filter((v) => typeof v === "number");
+    if (values.length < 2) return;
+    const lo = Math.min(...values), hi = Math.max(...values), span = hi - lo || 1;
+    ctx.strokeStyle = COLOURS[i % COLOURS.length];
+    ctx.beginPath();
+    values.forEach((v, j) => {
+      const x = 10 + (width * j) / (values.length - 1);
+      const y = y0 + h - (h * (v - lo)) / span;
+      j ? ctx.lineTo(x, y) : ctx.moveTo(x, y);
+    });
+    ctx.stroke();
+  });
+  ctx.restore();
+  return 30 + h + 6;
+}
+
+function drawInfo(node, ctx, top) {
+  const lines = node.__cuLines || [];
+  if (!lines.length) return 0;
+  ctx.save();
+  ctx.fillStyle = "#bbb";
+  ctx.font = "12px monospace";
+  lines.forEach((line, i) => ctx.fillText(line, 10, top + LINE * (i + 1)));
+  ctx.restore();
+  return LINE * lines.length + 6;
+}
+
+function extraHeight(node) {
+  return (node.__cuProgress ? 82 : 0) + (node.__cuLines?.length ? LINE * node.__cuLines.length + 10 : 0);
+}
+
+function fit(node) {
+  const base = node.computeSize();
+  node.setSize([Math.max(node.size[0], base[0]), base[1] + extraHeight(node)]);
+  node.setDirtyCanvas(true, true);
+}
+
+app.registerExtension({
+  name: "ConceptUnlearn.UI",
+
+  setup() {
+    api.addEventListener(EVENT, ({ detail }) => {
+      if (!detail || detail.node === null || detail.node === undefined) return;
+      const node = app.graph?.getNodeById(Number(detail.node)) ?? app.graph?.getNodeById(detail.node);
+      if (!node) return;
+      if (!node.__cuProgress || detail.step <= 1) node.__cuHistory = [];
+      node.__cuHistory.push(detail.losses || {});
+      const first = !node.__cuProgress;
+      node.__cuProgress = detail;
+      if (first) fit(node);
+      node.setDirtyCanvas(true, true);
+    });
+  },
+
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (!nodeData?.name?.endsWith(SUFFIX)) return;
+
+    const onExecuted = nodeType.prototype.onExecuted;
+    nodeType.prototype.onExecuted = function (message) {
+      onExecuted?.apply(this, arguments);
+      const info = message?.concept_unlearn?.[0];
+      this.__cuLines = infoLines(info);
+      fit(this);
+    };
+
+    const onDrawForeground = nodeType.prototype.onDrawForeground;
+    nodeType.prototype.onDrawForeground = function (ctx) {
+      onDrawForeground?.apply(this, arguments);
+      if (this.flags?.collapsed) return;
+      const top = this.size[1] - extraHeight(this);
+      const used = drawProgress(this, ctx, top);
+      drawInfo(this, ctx, top + used);
+    };
+  },
+});
