@@ -104,3 +104,12 @@ def sensitive_model_dir(tmp_path_factory):
 def sensitive(sensitive_model_dir):
     pipe = load_pipeline(sensitive_model_dir)
     return pipe, DiffusersBackend(pipe)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and a busy 2-core machine stalls torch's thread pool."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -143,3 +143,33 @@ def test_unet_parameters_never_require_grad_during_a_run(pipe, backend, images):
     erase(backend, EraseConfig(concept="a red square", steps=2), images,
           callback=lambda info: seen.append(any(p.requires_grad for p in pipe.unet.parameters())))
     assert seen == [False, False]
+
+
+def test_gradient_surgery_removes_the_conflicting_component():
+    from unlearn_core.train import conflict_free_backward
+
+    p = torch.nn.Parameter(torch.zeros(2))
+    erase_term = (p * torch.tensor([1.0, 1.0])).sum()  # gradient (1, 1)
+    keep_term = (p * torch.tensor([-1.0, 0.0])).sum()  # gradient (-1, 0): conflicts
+    conflict_free_backward({"erase": erase_term, "keep": keep_term}, [p])
+    assert torch.allclose(p.grad, torch.tensor([-1.0, 1.0]))  # erase -> (0, 1), plus keep
+
+    q = torch.nn.Parameter(torch.zeros(2))
+    conflict_free_backward({"erase": (q * torch.tensor([1.0, 1.0])).sum(),
+                            "keep": (q * torch.tensor([1.0, 0.0])).sum()}, [q])
+    assert torch.allclose(q.grad, torch.tensor([2.0, 1.0]))  # no conflict: plain sum
+
+
+def test_erase_with_gradient_surgery_keeps_preserved_prompts_closer(sensitive, images):
+    _, backend = sensitive
+
+    def drift(surgery):
+        config = EraseConfig(concept="a red square", method="fewshot", steps=15, lr=1e-3,
+                             preserve=("a green tree", ""), gradient_surgery=surgery)
+        result = erase(backend, config, images)
+        with torch.no_grad():
+            frozen = encode(backend, ["a green tree"])
+            with result.deltas.inject(backend.linear):
+                return float((encode(backend, ["a green tree"]) - frozen).pow(2).mean())
+
+    assert drift(True) < drift(False)

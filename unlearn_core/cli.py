@@ -79,7 +79,8 @@ def erase_config_from_args(args):
     chosen = {k: v for k, v in dict(synonyms=tuple(args.synonym or ()), kind=args.kind, anchor=args.anchor,
                                     steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                                     ascent_weight=args.ascent_weight, anchor_weight=args.anchor_weight,
-                                    preserve_weight=args.preserve_weight).items() if v is not None}
+                                    preserve_weight=args.preserve_weight,
+                                    gradient_surgery=args.gradient_surgery or None).items() if v is not None}
     if args.preserve is not None:
         chosen["preserve"] = tuple(args.preserve)
     if args.paper_settings:
@@ -222,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ascent-weight", type=float, default=None, help="weight of the gradient-ascent term (default 1)")
     p.add_argument("--anchor-weight", type=float, default=None, help="weight of the anchor term (default 1)")
     p.add_argument("--preserve-weight", type=float, default=None, help="weight of the preserve term (default 1)")
+    p.add_argument("--gradient-surgery", action="store_true",
+                   help="DoCo: drop the part of the erase gradient that conflicts with the preserve gradient")
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0; same seed, same result)")
     p.add_argument("--out", required=True, help="output adapter .safetensors (a loss curve PNG is written beside it)")
     p.set_defaults(func=cmd_erase)

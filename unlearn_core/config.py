@@ -82,6 +82,7 @@ class EraseConfig:
     method "anchor":   the concept prompts' prediction is pulled to the frozen model's for ``anchor``.
     method "weighted": both erase terms, weighted by ``ascent_weight`` and ``anchor_weight``.
     All methods add ``preserve_weight`` x (keep the frozen conditioning of ``preserve`` prompts).
+    ``gradient_surgery`` (DoCo): drop the part of the erase gradient that conflicts with the keep gradient.
     """
 
     concept: str
@@ -97,6 +98,7 @@ class EraseConfig:
     ascent_weight: float = 1.0
     anchor_weight: float = 1.0
     preserve_weight: float = 1.0
+    gradient_surgery: bool = False
     seed: int = 0
     lora: LoraConfig = field(default_factory=LoraConfig)
 

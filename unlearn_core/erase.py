@@ -14,7 +14,8 @@ from .lora import Deltas, target_shapes
 from .prompts import sample_prompts
 from .targets import resolve_targets
 from .tokens import ConceptToken, encode
-from .train import Callback, PassCounter, noisy_batch, run, training_context
+from .train import (Callback, PassCounter, conflict_free_backward, noisy_batch, plain_backward, run,
+                    training_context)
 
 NOISE_ONLY_LATENT_SIZE = 64  # latent side used by the anchor term when no images are given (SD2-base: 64)
 
@@ -37,6 +38,7 @@ class EraseResult:
             "kind": c.kind, "anchor": c.anchor, "steps": c.steps, "lr": c.lr, "seed": c.seed,
             "targets": lora.preset if not lora.targets else list(lora.targets),
             "weights": {"ascent": c.ascent_weight, "anchor": c.anchor_weight, "preserve": c.preserve_weight},
+            "gradient_surgery": c.gradient_surgery,
             "final_losses": self.history[-1] if self.history else {},
             "seconds": round(self.seconds, 2), "unet_passes": self.unet_passes,
         }
@@ -89,23 +91,27 @@ def erase(backend: Backend, config: EraseConfig, images: torch.Tensor | None = N
             prompts = sample_prompts(subjects, config.kind, config.batch_size, generator)
             prediction = counter(x_t, t, encode(backend, prompts, token))
             terms = {}
-            loss = torch.zeros((), device=prediction.device)
+            erase_loss = torch.zeros((), device=prediction.device)
+            keep_loss = torch.zeros((), device=prediction.device)
             if use_ascent and x0 is not None:
                 terms["ascent"] = objectives.ascent(prediction, backend.schedule.target(x0, noise, t))
-                loss = loss + config.ascent_weight * terms["ascent"]
+                erase_loss = erase_loss + config.ascent_weight * terms["ascent"]
             if use_anchor:
                 with torch.no_grad(), deltas.off():
                     anchor_prediction = counter(x_t, t, anchor_cond.expand(len(prompts), -1, -1))
                 terms["anchor"] = objectives.anchor(prediction, anchor_prediction)
-                loss = loss + config.anchor_weight * terms["anchor"]
+                erase_loss = erase_loss + config.anchor_weight * terms["anchor"]
             if use_preserve:
                 terms["preserve"] = objectives.preserve(encode(backend, list(config.preserve)), preserve_cond)
-                loss = loss + config.preserve_weight * terms["preserve"]
-            terms["loss"] = loss
+                keep_loss = keep_loss + config.preserve_weight * terms["preserve"]
+            if config.gradient_surgery:
+                terms.update(erase=erase_loss, keep=keep_loss)
+            terms["loss"] = erase_loss + keep_loss
             return terms
 
         optimizer = torch.optim.Adam(deltas.parameters(), lr=config.lr, betas=tuple(config.betas))
-        history = run(loss_fn, deltas.parameters(), optimizer, config.steps, callback)
+        backward = conflict_free_backward if config.gradient_surgery else plain_backward
+        history = run(loss_fn, deltas.parameters(), optimizer, config.steps, callback, backward)
 
     deltas = deltas.cpu()
     notes = []

@@ -28,11 +28,33 @@ class StepInfo:
 Callback = Callable[[StepInfo], None]
 
 
+def plain_backward(terms: dict[str, torch.Tensor], _params: list[torch.nn.Parameter]) -> None:
+    terms["loss"].backward()
+
+
+def conflict_free_backward(terms: dict[str, torch.Tensor], params: list[torch.nn.Parameter]) -> None:
+    """Gradient surgery (DoCo): when the erase gradient points against the keep gradient
+    (cos < 0), remove its component along the keep gradient, then add both."""
+    trainable = [p for p in params if p.requires_grad]
+    erase = torch.autograd.grad(terms["erase"], trainable, retain_graph=True, allow_unused=True)
+    keep = torch.autograd.grad(terms["keep"], trainable, allow_unused=True)
+    erase = [torch.zeros_like(p) if g is None else g for p, g in zip(trainable, erase)]
+    keep = [torch.zeros_like(p) if g is None else g for p, g in zip(trainable, keep)]
+    dot = sum((e * k).sum() for e, k in zip(erase, keep))
+    norm = sum((k * k).sum() for k in keep)
+    if dot < 0 and norm > 0:
+        erase = [e - dot / norm * k for e, k in zip(erase, keep)]
+    for p, e, k in zip(trainable, erase, keep):
+        p.grad = e + k
+
+
 def run(loss_fn: Callable[[int], dict[str, torch.Tensor]], params: Iterable[torch.nn.Parameter],
-        optimizer: torch.optim.Optimizer, steps: int, callback: Callback | None = None) -> list[dict[str, float]]:
+        optimizer: torch.optim.Optimizer, steps: int, callback: Callback | None = None,
+        backward: Callable = plain_backward) -> list[dict[str, float]]:
     """Minimise ``loss_fn(step)["loss"]`` for ``steps`` steps; returns the per-step loss terms.
 
     ``callback`` runs after every step and may raise (e.g. ``Cancelled``) to stop the run.
+    ``backward(terms, params)`` fills the gradients (default: ``terms["loss"].backward()``).
     """
     params = list(params)
     history = []
@@ -44,7 +66,7 @@ def run(loss_fn: Callable[[int], dict[str, torch.Tensor]], params: Iterable[torc
             raise TrainingDiverged(
                 f"the loss became {float(loss)} at step {step + 1}: lower the learning rate or the erase weight"
             )
-        loss.backward()
+        backward(terms, params)
         optimizer.step()
         if not all(torch.isfinite(p).all() for p in params):
             raise TrainingDiverged(f"the weights became NaN/inf at step {step + 1}: lower the learning rate")
