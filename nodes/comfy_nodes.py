@@ -19,7 +19,7 @@ CATEGORY = "Concept Unlearn"
 SUFFIX = "|ConceptUnlearn"
 METHODS = ("weighted", "anchor", "fewshot", "fewshot-paper")
 NO_FILE = "(connected adapter)"
-SEED = ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF})
+SEED = ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "control_after_generate": True})
 RESOLUTION = ("INT", {"default": 512, "min": 0, "max": 1024, "step": 64,
                       "tooltip": "Examples are centre-cropped and resized to this square size (0 keeps their size)."})
 

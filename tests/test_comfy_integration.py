@@ -11,6 +11,7 @@ comfy.sd.save_checkpoint, then loaded back the way CheckpointLoaderSimple does.
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 import sys
@@ -363,6 +364,205 @@ def test_learn_token_saves_an_embedding_comfyui_loads(pack, comfy_models):
         tokens = clip.tokenize("a photo of embedding:sq-token")["h"][0]
         spliced = [t[0] for t in tokens if not isinstance(t[0], int)]  # ComfyUI puts one entry per vector
         assert torch.allclose(torch.stack(spliced).float(), token.vectors)
+
+
+
+# ---------------------------------------------------------------------------- ComfyUI over HTTP
+
+WORKFLOWS = REPO / "example_workflows"
+WIDGETS = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url):
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def _post(url, payload):
+    import urllib.request
+
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read() or b"{}")
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory):
+    """`python main.py --cpu` with this repo linked into custom_nodes/, in a throwaway base directory."""
+    import subprocess
+    import time
+
+    from PIL import Image
+
+    base = tmp_path_factory.mktemp("comfy-base")
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / "concept-unlearn").symlink_to(REPO, target_is_directory=True)
+    (base / "models" / "checkpoints").mkdir(parents=True)
+    (base / "models" / "checkpoints" / checkpoint.name).symlink_to(checkpoint)
+    (base / "input").mkdir()
+    for i in (1, 2):
+        picture = Image.new("RGB", (64, 64), (230, 230, 230))
+        picture.paste((200, 20, 20), (16 + i, 16, 48, 48 - i))
+        picture.save(base / "input" / f"example_{i}.png")
+    port = _free_port()
+    log = open(base / "comfyui.log", "w")
+    process = subprocess.Popen([sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+                                "--base-directory", str(base), "--disable-auto-launch"],
+                               cwd=COMFYUI, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            if process.poll() is not None:
+                raise RuntimeError("ComfyUI exited: " + (base / "comfyui.log").read_text()[-3000:])
+            try:
+                _get(url + "/system_stats")
+                break
+            except OSError:
+                time.sleep(1)
+        yield {"url": url, "base": base, "log": base / "comfyui.log", "checkpoint": checkpoint.name}
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+def to_api(workflow: dict, object_info: dict, overrides: dict) -> dict:
+    """UI-format workflow (what the template browser loads) -> API prompt, as the front end converts it."""
+    sources = {link[0]: (str(link[1]), link[2]) for link in workflow["links"]}
+    prompt = {}
+    for entry in workflow["nodes"]:
+        info = object_info[entry["type"]]
+        order = info.get("input_order") or {k: list(v) for k, v in info["input"].items()}
+        values = list(entry.get("widgets_values", []))
+        inputs = {}
+        for section in ("required", "optional"):
+            for name in order.get(section, []):
+                spec = info["input"][section][name]
+                kind = spec[0]
+                options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+                if isinstance(kind, list) or kind in WIDGETS:
+                    if not values:
+                        break
+                    inputs[name] = values.pop(0)
+                    if options.get("control_after_generate") or name in ("seed", "noise_seed"):
+                        values.pop(0)
+        for slot in entry.get("inputs", []):
+            if slot.get("link") is not None:
+                inputs[slot["name"]] = list(sources[slot["link"]])
+        inputs.update(overrides.get(entry["type"], {}))
+        prompt[str(entry["id"])] = {"class_type": entry["type"], "inputs": inputs}
+    return prompt
+
+
+def run_prompt(server, prompt, timeout=1200):
+    import time
+
+    queued = _post(server["url"] + "/prompt", {"prompt": prompt, "client_id": "concept-unlearn-tests"})
+    prompt_id = queued["prompt_id"]
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        history = _get(f"{server['url']}/history/{prompt_id}")
+        if prompt_id in history:
+            return history[prompt_id]
+        time.sleep(2)
+    raise TimeoutError(f"prompt did not finish in {timeout} s")
+
+
+SMALL = {
+    "UnlearnConceptLoRA|ConceptUnlearn": {"steps": 2, "resolution": 64, "targets": "final", "preserve": "a photo"},
+    "LearnConceptToken|ConceptUnlearn": {"steps": 2, "resolution": 64, "overwrite": True},
+    "ErasureAudit|ConceptUnlearn": {"steps": 2, "width": 64, "height": 64, "attack_steps": 1,
+                                    "prompts": "a photo of a red star\na photo of a dog"},
+    "SaveErasureAdapter|ConceptUnlearn": {"overwrite": True},
+    "EmptyLatentImage": {"width": 64, "height": 64},
+    "KSampler": {"steps": 2},
+}
+
+
+def _workflow(server, name, extra=None):
+    object_info = _get(server["url"] + "/object_info")
+    overrides = {k: dict(v) for k, v in SMALL.items()}
+    overrides["CheckpointLoaderSimple"] = {"ckpt_name": server["checkpoint"]}
+    for key, value in (extra or {}).items():
+        overrides.setdefault(key, {}).update(value)
+    workflow = json.loads((WORKFLOWS / f"{name}.json").read_text())
+    return to_api(workflow, object_info, overrides)
+
+
+def _assert_success(entry, server):
+    status = entry.get("status", {})
+    errors = [m for m in status.get("messages", []) if m[0] == "execution_error"]
+    assert status.get("status_str") == "success", (errors, server["log"].read_text()[-3000:])
+
+
+def test_comfyui_starts_with_the_pack(server):
+    log = server["log"].read_text()
+    ours = [line for line in log.splitlines() if line.rstrip().endswith("custom_nodes/concept-unlearn")
+            or "concept-unlearn" in line and "IMPORT FAILED" in line]
+    assert ours and all("IMPORT FAILED" not in line for line in ours), log[-3000:]
+    # ComfyUI's own audio nodes fail without torchaudio; no traceback may come from this pack
+    assert str(REPO) not in log and "concept-unlearn/" not in log.replace("custom_nodes/concept-unlearn\n", ""), log
+    object_info = _get(server["url"] + "/object_info")
+    for name in ("LearnConceptToken", "UnlearnConceptLoRA", "ApplyErasureAdapter", "SaveErasureAdapter",
+                 "LoadErasureAdapter", "ErasureAudit"):
+        assert object_info[f"{name}|ConceptUnlearn"]["category"] == "Concept Unlearn"
+    templates = _get(server["url"] + "/workflow_templates")
+    assert set(templates["concept-unlearn"]) >= {"erase-a-concept-and-compare", "learn-a-token", "apply-a-shared-adapter"}
+    extensions = _get(server["url"] + "/extensions")
+    assert any(path.endswith("concept-unlearn/concept_unlearn.js") for path in extensions)
+
+
+def test_example_workflows_run_over_http(server):
+    import time
+
+    started = time.time()
+    erase_run = run_prompt(server, _workflow(server, "erase-a-concept-and-compare"))
+    _assert_success(erase_run, server)
+    saved = server["base"] / "models" / "loras" / "erasure" / "no-red-star.safetensors"
+    assert saved.is_file()
+    ui = [o["concept_unlearn"][0] for o in erase_run["outputs"].values() if "concept_unlearn" in o]
+    assert any("audit" in u for u in ui) and any(u.get("saved") == "erasure/no-red-star.safetensors" for u in ui)
+
+    token_run = run_prompt(server, _workflow(server, "learn-a-token"))
+    _assert_success(token_run, server)
+    assert (server["base"] / "models" / "embeddings" / "my-concept.safetensors").is_file()
+
+    apply_run = run_prompt(server, _workflow(server, "apply-a-shared-adapter"))
+    _assert_success(apply_run, server)
+    assert list((server["base"] / "output" / "concept-unlearn").glob("erased_*.png"))
+    print(f"three example workflows over HTTP: {time.time() - started:.0f} s")
+
+
+def test_interrupt_over_http(server):
+    import threading
+    import time
+
+    prompt = _workflow(server, "erase-a-concept-and-compare",
+                       {"UnlearnConceptLoRA|ConceptUnlearn": {"steps": 200}})
+    result_box = {}
+    thread = threading.Thread(target=lambda: result_box.update(run_prompt(server, prompt)))
+    thread.start()
+    time.sleep(25)
+    _post(server["url"] + "/interrupt", {})
+    thread.join(timeout=600)
+    status = result_box["status"]
+    assert status["status_str"] == "error"
+    assert any(m[0] == "execution_interrupted" for m in status["messages"])
+    again = run_prompt(server, _workflow(server, "apply-a-shared-adapter"))  # the server is still usable
+    _assert_success(again, server)
 
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "build":
