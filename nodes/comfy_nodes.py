@@ -120,15 +120,20 @@ class UnlearnConceptLoRA:
                 "resolution": RESOLUTION,
                 "seed": SEED,
             },
-            "optional": {"concept_token": ("CONCEPT_TOKEN",)},
+            "optional": {
+                "concept_token": ("CONCEPT_TOKEN",),
+                "gradient_surgery": ("BOOLEAN", {"default": False, "tooltip": "DoCo: drop the part of the erase "
+                                                 "gradient that conflicts with keeping the preserve prompts."}),
+            },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     @staticmethod
-    def config(concept, synonyms, method, kind, targets, steps, rank, learning_rate, anchor, preserve, seed):
+    def config(concept, synonyms, method, kind, targets, steps, rank, learning_rate, anchor, preserve, seed,
+               gradient_surgery=False):
         preserve_prompts = host.split_lines(preserve) + ("",)
         common = dict(synonyms=host.split_list(synonyms), kind=kind, anchor=anchor.strip() or "a photo",
-                      steps=steps, seed=seed, preserve=preserve_prompts)
+                      steps=steps, seed=seed, preserve=preserve_prompts, gradient_surgery=bool(gradient_surgery))
         if method == "fewshot-paper":
             return EraseConfig.fewshot_paper(concept.strip(), **{**common, "lora": LoraConfig(
                 preset=targets, mode="full", compress_rank=rank)})
@@ -136,9 +141,9 @@ class UnlearnConceptLoRA:
                            lora=LoraConfig(preset=targets, rank=rank), **common)
 
     def run(self, model, clip, vae, images, concept, synonyms, method, kind, targets, steps, rank, learning_rate,
-            anchor, preserve, resolution, seed, concept_token=None, unique_id=None):
+            anchor, preserve, resolution, seed, concept_token=None, gradient_surgery=False, unique_id=None):
         config = self.config(concept, synonyms, method, kind, targets, steps, rank, learning_rate, anchor,
-                             preserve, seed)
+                             preserve, seed, gradient_surgery)
         backend = _backend(model, clip, vae, resolution)
         examples = host.images_to_engine(images, resolution) if config.needs_images else None
         with torch.inference_mode(False), backend.session(examples):

@@ -565,6 +565,141 @@ def test_interrupt_over_http(server):
     _assert_success(again, server)
 
 
+
+# ---------------------------------------------------------------------------- the front end in headless Chromium
+
+CHROMIUM = next((c for c in ("chromium", "chromium-browser", "google-chrome") if __import__("shutil").which(c)), None)
+
+
+async def _drive_page(url, workflow, steps_override, screenshot_path):
+    """Open ComfyUI in headless Chromium (Chrome DevTools Protocol over aiohttp, which ComfyUI ships with),
+    load the workflow, queue it from the page, and collect console errors and a screenshot."""
+    import asyncio
+    import base64
+    import subprocess
+    import tempfile
+
+    import aiohttp
+
+    port = _free_port()
+    profile = tempfile.mkdtemp(prefix="chromium-")
+    browser = subprocess.Popen([CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", f"--remote-debugging-port={port}",
+                                f"--user-data-dir={profile}", "--window-size=1800,1000", "about:blank"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    errors, messages = [], []
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(60):
+                try:
+                    async with session.get(f"http://127.0.0.1:{port}/json") as response:
+                        targets = await response.json()
+                    page = next(t for t in targets if t["type"] == "page")
+                    break
+                except (aiohttp.ClientError, StopIteration):
+                    await asyncio.sleep(0.5)
+            async with session.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0) as ws:
+                counter = {"id": 0}
+                pending = {}
+
+                async def reader():
+                    async for msg in ws:
+                        data = json.loads(msg.data)
+                        if "id" in data and data["id"] in pending:
+                            pending.pop(data["id"]).set_result(data)
+                        elif data.get("method") == "Runtime.exceptionThrown":
+                            errors.append(data["params"]["exceptionDetails"].get("exception", {}).get("description")
+                                          or data["params"]["exceptionDetails"].get("text"))
+                        elif data.get("method") == "Runtime.consoleAPICalled" and data["params"]["type"] == "error":
+                            errors.append(" ".join(str(a.get("value", a.get("description"))) for a in data["params"]["args"]))
+                        elif data.get("method") == "Log.entryAdded" and data["params"]["entry"]["level"] == "error":
+                            errors.append(data["params"]["entry"].get("text", "") + " " + data["params"]["entry"].get("url", ""))
+
+                task = asyncio.ensure_future(reader())
+
+                async def call(method, **params):
+                    counter["id"] += 1
+                    future = asyncio.get_event_loop().create_future()
+                    pending[counter["id"]] = future
+                    await ws.send_json({"id": counter["id"], "method": method, "params": params})
+                    return await asyncio.wait_for(future, 120)
+
+                async def evaluate(expression):
+                    reply = await call("Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True)
+                    result = reply["result"]
+                    if "exceptionDetails" in result:
+                        raise AssertionError(f"{expression[:80]}: {result['exceptionDetails']}")
+                    return result["result"].get("value")
+
+                await call("Runtime.enable")
+                await call("Log.enable")
+                await call("Page.enable")
+                await call("Emulation.setDeviceMetricsOverride", width=1800, height=1000, deviceScaleFactor=1, mobile=False)
+                await call("Page.navigate", url=url)
+                for _ in range(120):
+                    await asyncio.sleep(1)
+                    if await evaluate("!!(window.app && window.app.graph && window.LiteGraph)"):
+                        break
+                await asyncio.sleep(3)
+                loaded = await evaluate("(async () => { const m = await import('/extensions/concept-unlearn/concept_unlearn.js');"
+                                        " return app.extensionManager !== undefined || true })()")
+                await evaluate(f"app.loadGraphData({json.dumps(workflow)})")
+                await asyncio.sleep(2)
+                await evaluate("""(() => { const o = %s;
+                    for (const n of app.graph._nodes) for (const w of (n.widgets || [])) {
+                        const v = (o[n.type] || {})[w.name]; if (v !== undefined) w.value = v; }
+                    app.canvas.ds.scale = 0.62; app.canvas.ds.offset = [40, 60]; app.graph.setDirtyCanvas(true, true);
+                    return true })()""" % json.dumps(steps_override))
+                rendered = await evaluate("app.graph._nodes.filter(n => n.type.endsWith('|ConceptUnlearn'))"
+                                          ".map(n => [n.type, n.widgets ? n.widgets.length : 0, n.size[0] > 0])")
+                await evaluate("app.queuePrompt(0, 1)")
+                finished = False
+                for _ in range(900):
+                    await asyncio.sleep(2)
+                    queue = await evaluate("fetch('/queue').then(r => r.json())")
+                    if not queue["queue_running"] and not queue["queue_pending"]:
+                        finished = True
+                        break
+                await asyncio.sleep(3)
+                lines = await evaluate("app.graph._nodes.filter(n => n.__cuLines).map(n => [n.type, n.__cuLines])")
+                progress = await evaluate("app.graph._nodes.filter(n => n.__cuProgress).map(n => [n.type, n.__cuProgress.step, n.__cuProgress.total])")
+                shot = await call("Page.captureScreenshot", format="jpeg", quality=85)
+                Path(screenshot_path).write_bytes(base64.b64decode(shot["result"]["data"]))
+                task.cancel()
+                messages.append({"loaded": loaded, "rendered": rendered, "finished": finished, "lines": lines,
+                                 "progress": progress})
+    finally:
+        browser.terminate()
+        browser.wait(timeout=30)
+    return errors, messages[0] if messages else {}
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (Debian: apt-get install chromium)")
+def test_front_end_renders_the_nodes_and_live_values(server, tmp_path):
+    import asyncio
+
+    workflow = json.loads((WORKFLOWS / "erase-a-concept-and-compare.json").read_text())
+    for entry in workflow["nodes"]:
+        if entry["type"] == "CheckpointLoaderSimple":
+            entry["widgets_values"][0] = server["checkpoint"]
+        if entry["type"] == "ErasureAudit|ConceptUnlearn":  # untrusted text must be drawn as text
+            entry["widgets_values"][0] = "a photo of a red star\n<img src=x onerror=alert(1)>"
+    overrides = {k: v for k, v in SMALL.items() if k.endswith("|ConceptUnlearn")}
+    overrides["UnlearnConceptLoRA|ConceptUnlearn"] = dict(overrides["UnlearnConceptLoRA|ConceptUnlearn"], steps=4)
+    overrides["ErasureAudit|ConceptUnlearn"] = {k: v for k, v in overrides["ErasureAudit|ConceptUnlearn"].items()
+                                                if k != "prompts"}
+    screenshot = Path(os.environ.get("CONCEPT_UNLEARN_SCREENSHOT", tmp_path / "comfyui-concept-unlearn.jpg"))
+    errors, seen = asyncio.run(_drive_page(server["url"], workflow, overrides, screenshot))
+    errors = [e for e in errors if e and "favicon" not in e]
+    assert not errors, errors
+    assert len(seen["rendered"]) == 3 and all(ok for _, _, ok in seen["rendered"])
+    assert seen["finished"]
+    assert any(node == "UnlearnConceptLoRA|ConceptUnlearn" and step == total == 4 for node, step, total in seen["progress"])
+    shown = {node: lines for node, lines in seen["lines"]}
+    assert any(line.startswith("concept: a red star") for line in shown["UnlearnConceptLoRA|ConceptUnlearn"])
+    assert any("<img src=x onerror=alert(1)>" in line for line in shown["ErasureAudit|ConceptUnlearn"])
+    assert screenshot.stat().st_size > 10_000
+
+
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "build":
     COMFYUI = os.environ["COMFYUI_PATH"]
     print(build_sd2_checkpoint(Path(sys.argv[2])))

@@ -90,6 +90,9 @@ def test_method_presets_build_valid_engine_configs(pack):
             assert config.lora.mode == "full" and config.lora.compress_rank == 4 and config.lr == 1e-5
         else:
             assert config.method == method and config.lora.rank == 4
+    surgery = nodes.UnlearnConceptLoRA.config("a red star", "", "weighted", "object", "final", 10, 4, 1e-3, "a photo",
+                                              "", 0, True)
+    assert surgery.gradient_surgery and surgery.lora.preset == "final"
     with pytest.raises(ValueError, match="concept"):
         nodes.UnlearnConceptLoRA.config(" ", "", "weighted", "object", "fewshot", 10, 4, 1e-3, "", "", 0)
 
