@@ -1,0 +1,1 @@
+"""Benchmark world, mini SD2-architecture model, classifier and evaluation harness."""

@@ -1,0 +1,145 @@
+"""Train the mini SD2-architecture model on the procedural world (seeded, CPU, time-boxed).
+
+    python -m bench.train_world_model --out bench/world_model --minutes 25
+
+CLIPTextModel (gelu, real CLIP BPE tokenizer; its last hidden state is the conditioning, as in
+diffusers' SD2), UNet2DConditionModel with cross-attention, AutoencoderKL, v-prediction DDPM
+schedule, saved as a diffusers folder (fp16) with a manifest.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import world
+
+TEXT = dict(vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+            max_position_embeddings=77, hidden_act="gelu", projection_dim=64, bos_token_id=49406,
+            eos_token_id=49407, pad_token_id=0)
+UNET = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(48, 96),
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
+            attention_head_dim=8, norm_num_groups=16, use_linear_projection=True)
+VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
+           down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+           layers_per_block=1, norm_num_groups=16, sample_size=32)
+
+
+def train_vae(images: torch.Tensor, steps: int, log) -> "AutoencoderKL":
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(**VAE)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        batch = images[torch.randint(0, len(images), (32,), generator=generator)]
+        posterior = vae.encode(batch).latent_dist
+        reconstruction = vae.decode(posterior.sample(generator)).sample
+        loss = F.mse_loss(reconstruction, batch) + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"vae step {step} loss {loss.item():.5f}")
+    vae.eval()
+    return vae, loss.item()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="bench/world_model")
+    parser.add_argument("--images", type=int, default=20000)
+    parser.add_argument("--vae-steps", type=int, default=400)
+    parser.add_argument("--minutes", type=float, default=25.0, help="time box for the diffusion training")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from unlearn_core.diffusers_backend import CONFIG_DIR
+
+    torch.manual_seed(args.seed)
+    start = time.time()
+    log = lambda message: print(f"[{time.time() - start:7.1f}s] {message}", flush=True)  # noqa: E731
+    pixels, labels, captions = world.sample(args.images, seed=args.seed)
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
+    log(f"{len(images)} images drawn")
+
+    vae, vae_loss = train_vae(images, args.vae_steps, log)
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(images[i:i + 500]).latent_dist.mean for i in range(0, len(images), 500)])
+    scaling = float(1 / latents.std())
+    vae.register_to_config(scaling_factor=scaling)
+    latents = latents * scaling
+    log(f"latents {tuple(latents.shape)}, scaling factor {scaling:.4f}")
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(CONFIG_DIR / "tokenizer"))
+    ids = tokenizer(captions + [""], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    empty_ids = ids[-1:]
+    ids = ids[:-1]
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT))
+    unet = UNet2DConditionModel(**UNET)
+    scheduler_config = DDIMScheduler.load_config(str(CONFIG_DIR / "scheduler"))
+    schedule = DDPMScheduler.from_config(scheduler_config)
+    alphas = schedule.alphas_cumprod
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=5e-4, weight_decay=1e-2)
+    generator = torch.Generator().manual_seed(args.seed + 2)
+    losses, step = [], 0
+    deadline = time.time() + args.minutes * 60
+    while time.time() < deadline:
+        size = args.batch_size
+        index = torch.randint(0, len(latents), (size,), generator=generator)
+        x0 = latents[index]
+        batch_ids = ids[index].clone()
+        drop = torch.rand(size, generator=generator) < 0.1
+        batch_ids[drop] = empty_ids
+        t = torch.randint(0, len(alphas), (size,), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        a = alphas[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        target = a.sqrt() * noise - (1 - a).sqrt() * x0
+        prediction = unet(x_t, t, encoder_hidden_states=text_encoder(batch_ids)[0]).sample
+        loss = F.mse_loss(prediction, target)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        if step % 200 == 0:
+            log(f"diffusion step {step} loss {np.mean(losses[-200:]):.4f}")
+        step += 1
+
+    out = Path(args.out)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet.eval(),
+                                   scheduler=DDIMScheduler.from_config(scheduler_config), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.to(torch.float16).save_pretrained(str(out), safe_serialization=True)
+    files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != "manifest.json")
+    manifest = {
+        "command": "python -m bench.train_world_model " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "seed": args.seed, "images": args.images, "vae_steps": args.vae_steps, "diffusion_steps": step,
+        "minutes": round((time.time() - start) / 60, 1), "final_vae_loss": round(vae_loss, 5),
+        "final_diffusion_loss_last200": round(float(np.mean(losses[-200:])), 5),
+        "config": {"text_encoder": TEXT, "unet": UNET, "vae": VAE, "vae_scaling_factor": scaling},
+        "sha256": {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files},
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    log(f"saved {out} after {step} diffusion steps")
+
+
+if __name__ == "__main__":
+    main()
