@@ -88,6 +88,16 @@ def default_prompt_sets(concept: str, per_set: int, seed: int) -> dict[str, list
     return {"erase": erase_set, "synonyms": synonyms, "others": others, "related": related}
 
 
+def attack_prompt_set(concept: str, count: int, token: str, seed: int) -> list[dict]:
+    """World captions in which the concept is written as the re-learned token."""
+    kind = world.CONCEPT_KINDS[concept]
+    rng = random.Random(seed + 99)
+    labels = [label for label in world.all_labels() if label.value(kind) == concept]
+    phrase = f"a {token}" if kind == "shape" else token
+    return [{"prompt": caption_with(rng.choice(labels), kind, phrase, rng), "expect": {kind: concept}}
+            for _ in range(count)]
+
+
 def generate(pipe, backend, prompts: list[str], seed: int, deltas=None, token=None, steps: int = 20,
              guidance: float = 4.0) -> torch.Tensor:
     """Images [N, 3, 32, 32] in [0, 1]; conditioning from the engine (deltas / token spliced in)."""
@@ -162,8 +172,7 @@ def evaluate(concept: str, method: str, n_images: int, prompt_sets: dict, model_
     with result.deltas.inject(backend.linear):
         attack = learn_token(backend, images, TokenConfig(token="<attack>", kind=kind, steps=token_steps, lr=2e-2,
                                                           seed=seed + 1)).token
-    attack_entries = [{"prompt": e["prompt"].replace(config.concept, "<attack>").replace(config.synonyms[0], "<attack>"),
-                       "expect": e["expect"]} for e in prompt_sets["erase"]]
+    attack_entries = attack_prompt_set(concept, len(prompt_sets["erase"]), "<attack>", seed)
     attack_images = generate(pipe, backend, [e["prompt"] for e in attack_entries], seed, deltas=result.deltas,
                              token=attack, steps=sample_steps)
     report["ti_attack_recovery"] = share(judge, attack_images, attack_entries)
