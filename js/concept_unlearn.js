@@ -7,7 +7,7 @@ import { api } from "../../scripts/api.js";
 const SUFFIX = "|ConceptUnlearn";
 const EVENT = "concept_unlearn.progress";
 const LINE = 15;
-const MAX_LINES = 12;
+const MAX_LINES = 16;
 const MAX_CHARS = 64;
 const COLOURS = ["#4aa3ff", "#ff6b6b", "#5fd068", "#ffb347", "#c39bff"];
 
@@ -20,8 +20,8 @@ function clean(value) {
 
 function infoLines(info) {
   if (!info || typeof info !== "object") return [];
-  const order = ["concept", "synonyms", "token", "method", "steps", "rank", "modules", "strength",
-                 "seconds_per_step", "final_loss", "final_losses", "saved", "file", "audit"];
+  const order = ["concept", "synonyms", "token", "method", "steps", "rank", "modules", "strength", "audit",
+                 "seconds_per_step", "final_loss", "final_losses", "saved", "file"];
   const lines = [];
   for (const key of order) {
     if (info[key] === undefined || info[key] === "" || key === "kind") continue;
