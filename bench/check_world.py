@@ -1,0 +1,53 @@
+"""Is the world model good enough to measure on? Per-concept accuracy of the clean model's generations.
+
+    python -m bench.check_world --per-concept 8 --out bench/results/world_check.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from unlearn_core.diffusers_backend import DiffusersBackend, load_pipeline
+
+from . import classifier as world_classifier
+from . import evaluate, world
+
+
+def check(model=evaluate.MODEL, per_concept: int = 8, seed: int = 0, steps: int = 20) -> dict[str, float]:
+    pipe = load_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    backend = DiffusersBackend(pipe)
+    judge = world_classifier.load(evaluate.CLASSIFIER)
+    rng = random.Random(seed)
+    scores = {}
+    for concept, kind in world.CONCEPT_KINDS.items():
+        labels = [label for label in world.all_labels() if label.value(kind) == concept]
+        entries = [{"prompt": world.caption(label, rng), "expect": {kind: concept}}
+                   for label in (rng.choice(labels) for _ in range(per_concept))]
+        images = evaluate.generate(pipe, backend, [e["prompt"] for e in entries], seed, steps=steps)
+        scores[concept] = evaluate.share(judge, images, entries)
+    return scores
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--per-concept", type=int, default=8)
+    parser.add_argument("--model", default=str(evaluate.MODEL))
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    scores = check(args.model, args.per_concept)
+    for concept, score in scores.items():
+        print(f"{concept:<10} {world.CONCEPT_KINDS[concept]:<7} {100 * score:5.0f} %")
+    print(f"{'mean':<18} {100 * sum(scores.values()) / len(scores):5.0f} %")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(scores, indent=2))
+
+
+if __name__ == "__main__":
+    main()
