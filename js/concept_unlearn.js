@@ -40,10 +40,9 @@ function infoLines(info) {
   return lines.slice(0, MAX_LINES);
 }
 
-function drawProgress(node, ctx, top) {
+function drawProgress(node, ctx, top, width) {
   const p = node.__cuProgress;
   if (!p) return 0;
-  const width = node.size[0] - 20;
   ctx.save();
   ctx.fillStyle = "#222";
   ctx.fillRect(10, top, width, 8);
@@ -92,9 +91,26 @@ function extraHeight(node) {
 }
 
 function fit(node) {
-  const base = node.computeSize();
-  node.setSize([Math.max(node.size[0], base[0]), base[1] + extraHeight(node)]);
+  node.setSize([node.size[0], node.computeSize()[1]]);
   node.setDirtyCanvas(true, true);
+}
+
+// A canvas-drawn widget that reserves room for the live values below the node's inputs; not serialized.
+function liveWidget(owner) {
+  return {
+    name: "concept_unlearn_live",
+    type: "concept_unlearn_live",
+    value: "",
+    serialize: false,
+    options: { serialize: false },
+    draw(ctx, node, width, y) {
+      const used = drawProgress(node, ctx, y + 4, width - 20);
+      drawInfo(node, ctx, y + 4 + used);
+    },
+    computeSize(width) {
+      return [width, extraHeight(owner)];
+    },
+  };
 }
 
 app.registerExtension({
@@ -117,21 +133,19 @@ app.registerExtension({
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (!nodeData?.name?.endsWith(SUFFIX)) return;
 
+    const onNodeCreated = nodeType.prototype.onNodeCreated;
+    nodeType.prototype.onNodeCreated = function () {
+      const result = onNodeCreated?.apply(this, arguments);
+      this.addCustomWidget(liveWidget(this));
+      return result;
+    };
+
     const onExecuted = nodeType.prototype.onExecuted;
     nodeType.prototype.onExecuted = function (message) {
       onExecuted?.apply(this, arguments);
       const info = message?.concept_unlearn?.[0];
       this.__cuLines = infoLines(info);
       fit(this);
-    };
-
-    const onDrawForeground = nodeType.prototype.onDrawForeground;
-    nodeType.prototype.onDrawForeground = function (ctx) {
-      onDrawForeground?.apply(this, arguments);
-      if (this.flags?.collapsed) return;
-      const top = this.size[1] - extraHeight(this);
-      const used = drawProgress(this, ctx, top);
-      drawInfo(this, ctx, top + used);
     };
   },
 });
