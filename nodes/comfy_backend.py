@@ -175,7 +175,7 @@ class ComfyBackend(TextEncoderView):
         pred = prediction_type(model_sampling)
         sigmas = model_sampling.sigmas.detach().float().cpu().clone()
         self.schedule = NoiseSchedule(1.0 / (1.0 + sigmas ** 2), pred)
-        self.device = self.model.load_device
+        self.device = self.clip.patcher.load_device
         self._latents: tuple[torch.Tensor, torch.Tensor] | None = None
         self.latent_size = latent_size  # used by the anchor term when no images are given
 
@@ -193,7 +193,9 @@ class ComfyBackend(TextEncoderView):
                 self._latents = (images, self._encode_with_vae(images))
                 stack.callback(setattr, self, "_latents", None)
             mm.load_models_gpu([self.model, self.clip.patcher], force_full_load=True)
-            self.device = self.model.load_device
+            # Deltas and token vectors live with the text encoder (ComfyUI keeps it on the CPU in low-VRAM
+            # mode while the UNet is on the GPU); predict moves its inputs to the UNet and its output back.
+            self.device = self.text.transformer.get_input_embeddings().weight.device
             stack.enter_context(_autograd_copies([self.text.transformer, self.base.diffusion_model]))
             handles = []
             stack.callback(lambda: [h.remove() for h in handles])
@@ -262,7 +264,9 @@ class ComfyBackend(TextEncoderView):
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """Raw UNet output (epsilon or v) through ComfyUI's apply_model and model_sampling."""
         ms = self.base.model_sampling
-        sigma = ms.sigma(t.float()).to(x_t.device, torch.float32).clone()
+        unet_device = self.model.load_device
+        x_t = x_t.to(unet_device)
+        sigma = ms.sigma(t.float()).to(unet_device, torch.float32).clone()
         shape = (-1,) + (1,) * (x_t.ndim - 1)
         x = x_t.float() * (sigma ** 2 + 1).sqrt().view(shape)  # DDPM x_t -> k-diffusion x0 + sigma * noise
         options = self.model.model_options.get("transformer_options", {})
@@ -271,7 +275,7 @@ class ComfyBackend(TextEncoderView):
         zero = torch.zeros_like(x)
         offset = ms.calculate_denoised(sigma, zero, x)
         slope = ms.calculate_denoised(sigma, torch.ones_like(x), zero)
-        return (denoised.float() - offset) / slope
+        return ((denoised.float() - offset) / slope).to(self.device)
 
     def modules(self) -> list[nn.Module]:
         # The modules gradients pass through, i.e. the ones swapped to normal tensors in session(). Not the VAE
