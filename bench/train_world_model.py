@@ -63,6 +63,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init", help="continue from a saved world model folder (its VAE is kept, not retrained)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -78,11 +79,19 @@ def main() -> None:
     images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
     log(f"{len(images)} images drawn")
 
-    vae, vae_loss = train_vae(images, args.vae_steps, log)
+    if args.init:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(args.init, subfolder="vae", torch_dtype=torch.float32).eval()
+        vae_loss = json.loads((Path(args.init) / "manifest.json").read_text())["final_vae_loss"]
+        scaling = vae.config.scaling_factor
+    else:
+        vae, vae_loss = train_vae(images, args.vae_steps, log)
     with torch.no_grad():
         latents = torch.cat([vae.encode(images[i:i + 500]).latent_dist.mean for i in range(0, len(images), 500)])
-    scaling = float(1 / latents.std())
-    vae.register_to_config(scaling_factor=scaling)
+    if not args.init:
+        scaling = float(1 / latents.std())
+        vae.register_to_config(scaling_factor=scaling)
     latents = latents * scaling
     log(f"latents {tuple(latents.shape)}, scaling factor {scaling:.4f}")
 
@@ -90,8 +99,14 @@ def main() -> None:
     ids = tokenizer(captions + [""], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     empty_ids = ids[-1:]
     ids = ids[:-1]
-    text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT))
-    unet = UNet2DConditionModel(**UNET)
+    if args.init:
+        text_encoder = CLIPTextModel.from_pretrained(args.init, subfolder="text_encoder", dtype=torch.float32)
+        unet = UNet2DConditionModel.from_pretrained(args.init, subfolder="unet", torch_dtype=torch.float32)
+        previous = json.loads((Path(args.init) / "manifest.json").read_text())
+    else:
+        text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT))
+        unet = UNet2DConditionModel(**UNET)
+        previous = None
     scheduler_config = DDIMScheduler.load_config(str(CONFIG_DIR / "scheduler"))
     schedule = DDPMScheduler.from_config(scheduler_config)
     alphas = schedule.alphas_cumprod
@@ -135,6 +150,7 @@ def main() -> None:
         "minutes": round((time.time() - start) / 60, 1), "final_vae_loss": round(vae_loss, 5),
         "final_diffusion_loss_last200": round(float(np.mean(losses[-200:])), 5),
         "config": {"text_encoder": TEXT, "unet": UNET, "vae": VAE, "vae_scaling_factor": scaling},
+        "continued_from": previous,
         "sha256": {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files},
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
