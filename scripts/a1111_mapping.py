@@ -185,23 +185,25 @@ _OC_TO_HF = {
 _HF_TO_OC = {v: k for k, v in _OC_TO_HF.items()}
 
 
-def open_clip_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """open_clip text-transformer state dict -> transformers CLIPTextModel (``text_model.*``) layout.
+def open_clip_to_hf(state: dict[str, torch.Tensor], prefix: str = HF_PREFIX) -> dict[str, torch.Tensor]:
+    """open_clip text-transformer state dict -> transformers CLIPTextModel layout (``prefix`` + names:
+    ``text_model.`` as in SD2 files and transformers 4.x; transformers 5's CLIPTextModel.state_dict has none).
 
     Fused in_proj is split exactly (slices); text_projection / logit_scale / attn_mask have no HF
     text-model counterpart and are dropped.
     """
     out = {}
+    HF = prefix  # noqa: N806
     for key, value in state.items():
         if key == "token_embedding.weight":
-            out[HF_PREFIX + "embeddings.token_embedding.weight"] = value
+            out[HF + "embeddings.token_embedding.weight"] = value
         elif key == "positional_embedding":
-            out[HF_PREFIX + "embeddings.position_embedding.weight"] = value
+            out[HF + "embeddings.position_embedding.weight"] = value
         elif key.startswith("ln_final."):
-            out[HF_PREFIX + "final_layer_norm." + key.split(".", 1)[1]] = value
+            out[HF + "final_layer_norm." + key.split(".", 1)[1]] = value
         elif (m := _OC_RE.match(key)):
             n, rest = m.group(1), m.group(2)
-            base = f"{HF_PREFIX}encoder.layers.{n}."
+            base = f"{HF}encoder.layers.{n}."
             if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
                 kind = rest.rsplit("_", 1)[1]
                 for name, part in zip("qkv", value.chunk(3, dim=0)):
@@ -213,13 +215,15 @@ def open_clip_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-_HF_RE = re.compile(r"^text_model\.encoder\.layers\.(\d+)\.(.+)$")
+_HF_RE = re.compile(r"^encoder\.layers\.(\d+)\.(.+)$")
 
 
 def hf_to_open_clip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The inverse of open_clip_to_hf (q;k;v joined into in_proj in that order)."""
+    """The inverse of open_clip_to_hf (q;k;v joined into in_proj in that order); with or without ``text_model.``."""
     out, fused = {}, {}
+    HF_PREFIX = ""  # noqa: N806  keys are normalised below
     for key, value in state.items():
+        key = key[len("text_model."):] if key.startswith("text_model.") else key
         if key == HF_PREFIX + "embeddings.token_embedding.weight":
             out["token_embedding.weight"] = value
         elif key == HF_PREFIX + "embeddings.position_embedding.weight":
