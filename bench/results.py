@@ -16,8 +16,10 @@ FIELDS = ("acc_erased_before", "acc_erased", "acc_synonyms_before", "acc_synonym
           "acc_related_before", "acc_related", "ti_attack_recovery", "h_o", "seconds", "unet_passes")
 
 
-def run_one(concept: str, method: str, per_set: int, out: Path) -> dict:
+def run_one(concept: str, method: str, per_set: int, out: Path, reuse: bool = False) -> dict:
     report = out / f"{concept}-{method}.json"
+    if reuse and report.is_file():
+        return json.loads(report.read_text())
     command = [sys.executable, "-m", "bench.evaluate", "--concept", concept, "--method", method,
                "--per-set", str(per_set), "--out", str(report)]
     done = subprocess.run(command, capture_output=True, text=True)
@@ -45,12 +47,13 @@ def main() -> None:
     parser.add_argument("--per-set", type=int, default=8)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--reuse", action="store_true", help="keep reports already in --out instead of re-running")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = [(c, m) for c in args.concepts for m in args.methods]
     with ThreadPoolExecutor(args.jobs) as pool:
-        rows = list(pool.map(lambda cm: run_one(cm[0], cm[1], args.per_set, out), runs))
+        rows = list(pool.map(lambda cm: run_one(cm[0], cm[1], args.per_set, out, args.reuse), runs))
     (out / "table.md").write_text(table(rows) + "\n")
     print(table(rows))
 
