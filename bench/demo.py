@@ -1,6 +1,6 @@
 """The newcomer's demo: erase one concept from the bundled world model and show what changed.
 
-    python -m bench.demo [--concept star] [--out out/demo]
+    python -m bench.demo [--concept red] [--out out/demo]
 
 Writes out/demo/REPORT.md with a before/after grid and the loss curve (about 2-5 minutes on a CPU).
 """
@@ -36,7 +36,8 @@ def write_report(out: Path, report: dict) -> Path:
         f"| a phrasing not used in training ({report['held_out_phrase']!r}) | {_percent(report['acc_synonyms_before'])} "
         f"| {_percent(report['acc_synonyms'])} (want 0 %) |",
         f"| other concepts | {_percent(report['acc_others_before'])} | {_percent(report['acc_others'])} (want unchanged) |",
-        f"| close relatives (same colour and style) | {_percent(report['acc_related_before'])} "
+        f"| close relatives (same other attributes, another {world.CONCEPT_KINDS[concept]}) "
+        f"| {_percent(report['acc_related_before'])} "
         f"| {_percent(report['acc_related'])} (want unchanged) |",
         "",
         f"Re-learning attack: a fresh token learned on the erased model from the same images shows {concept} in "
@@ -56,7 +57,7 @@ def write_report(out: Path, report: dict) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--concept", default="star", help=f"one of: {', '.join(world.CONCEPT_KINDS)}")
+    parser.add_argument("--concept", default="red", help=f"one of: {', '.join(world.CONCEPT_KINDS)}")
     parser.add_argument("--method", default="weighted", choices=evaluate.METHODS)
     parser.add_argument("--out", default="out/demo")
     args = parser.parse_args()
@@ -65,7 +66,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     print(f"erasing {args.concept!r} from the bundled world model with 4 example images ...")
-    sets = evaluate.default_prompt_sets(args.concept, per_set=12, seed=0)
+    sets = evaluate.default_prompt_sets(args.concept, per_set=8, seed=0)
     report, result, generated, sets = evaluate.evaluate(args.concept, args.method, 4, sets)
     report["total_seconds"] = round(time.time() - start, 1)
     (out / "report.json").write_text(json.dumps(report, indent=2))
