@@ -15,6 +15,14 @@ Every ``modules.*`` import is inside a function, so this file imports outside A1
 """
 from __future__ import annotations
 
+import os as _os
+import sys as _sys
+
+# A1111 loads every scripts/*.py by file path (alphabetically): make scripts/ and the repo root importable
+for _path in (_os.path.dirname(_os.path.abspath(__file__)), _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))):
+    if _path not in _sys.path:
+        _sys.path.insert(0, _path)
+
 from contextlib import contextmanager
 from typing import Callable, Iterator
 

@@ -3,7 +3,14 @@
 The tab (concept_unlearn_tab.py) passes a backend factory, A1111's folders and its shared.state
 hooks; tests pass a backend over a tiny model. Every failure becomes one line of text.
 """
-from __future__ import annotations
+
+import os as _os
+import sys as _sys
+
+# A1111 loads every scripts/*.py by file path (alphabetically): make scripts/ and the repo root importable
+for _path in (_os.path.dirname(_os.path.abspath(__file__)), _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))):
+    if _path not in _sys.path:
+        _sys.path.insert(0, _path)
 
 import re
 from contextlib import ExitStack, nullcontext

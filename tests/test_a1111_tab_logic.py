@@ -84,3 +84,43 @@ def test_backend_failure_is_one_line(tmp_path):
     h = logic.Host(backend=refuse, lora_dir=tmp_path, embeddings_dir=tmp_path)
     out = logic.erase_concept(h, "x", "a cat", method="anchor", steps=1)
     assert out.message == "Error: the loaded checkpoint is Stable Diffusion 1.x (CLIP ViT-L, 768 wide)"
+
+
+def test_scripts_load_the_way_a1111_loads_them():
+    """modules/script_loading.load_module: spec_from_file_location(basename incl. '.py', path), exec_module,
+    no sys.modules entry, alphabetical order; none of the files may need A1111 or gradio at import."""
+    import importlib.util
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "scripts"
+    for path in sorted(folder.glob("*.py")):
+        spec = importlib.util.spec_from_file_location(path.name, str(path))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+
+
+def test_sd_model_checks():
+    """a1111_backend.check_sd_model on objects with the attribute layout of A1111's loaded models
+    (sd_model.conditioner for SDXL, cond_stage_model.wrapped = FrozenCLIPEmbedder(.transformer) for SD1,
+    FrozenOpenCLIPEmbedder(.model.transformer.resblocks) for SD2)."""
+    from types import SimpleNamespace
+
+    import a1111_backend
+    from test_a1111_mapping import OpenClipLike
+    from unlearn_core.backend import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="no checkpoint"):
+        a1111_backend.check_sd_model(None)
+    with pytest.raises(UnsupportedModelError, match="SDXL"):
+        a1111_backend.check_sd_model(SimpleNamespace(conditioner=object()))
+
+    class FrozenCLIPEmbedder:
+        transformer = object()
+
+    with pytest.raises(UnsupportedModelError, match="1.x"):
+        a1111_backend.check_sd_model(SimpleNamespace(cond_stage_model=SimpleNamespace(wrapped=FrozenCLIPEmbedder())))
+    small = Embedder(OpenClipLike(32, 2, 2, vocab=8))
+    with pytest.raises(UnsupportedModelError, match="1024"):
+        a1111_backend.check_sd_model(SimpleNamespace(cond_stage_model=SimpleNamespace(wrapped=small)))
+    sd2 = Embedder(OpenClipLike(1024, 1, 16, vocab=8))
+    assert a1111_backend.check_sd_model(SimpleNamespace(cond_stage_model=SimpleNamespace(wrapped=sd2))) is sd2
