@@ -154,6 +154,17 @@ def check_memory_options() -> None:
                                "sampling, which a training run cannot follow; restart without it to erase concepts")
 
 
+def check_no_merged_networks(module: nn.Module) -> None:
+    """A1111's built-in Lora (extensions-builtin/Lora/networks.py) adds LoRA weights into the modules in place and
+    records them in ``network_current_names``; they stay merged until a later generation without them. Training on
+    top of them would erase from a different base, so refuse."""
+    for name, sub in module.named_modules():
+        current = getattr(sub, "network_current_names", ())
+        if current:
+            raise RuntimeError(f"a LoRA from the last generation is still merged into the text encoder ({name}); "
+                               "generate once without <lora:...> in the prompt, then erase")
+
+
 def from_shared() -> OpenClipBackend:
     """A Backend over shared.sd_model (A1111 only)."""
     from modules import devices, shared
@@ -161,6 +172,7 @@ def from_shared() -> OpenClipBackend:
     sd_model = shared.sd_model
     check_memory_options()
     embedder = check_sd_model(sd_model)
+    check_no_merged_networks(embedder.model)
     parameterization = getattr(sd_model, "parameterization", "eps")
     if parameterization not in ("eps", "v"):
         raise UnsupportedModelError(f"unsupported parameterization {parameterization!r}")

@@ -124,3 +124,15 @@ def test_sd_model_checks():
         a1111_backend.check_sd_model(SimpleNamespace(cond_stage_model=SimpleNamespace(wrapped=small)))
     sd2 = Embedder(OpenClipLike(1024, 1, 16, vocab=8))
     assert a1111_backend.check_sd_model(SimpleNamespace(cond_stage_model=SimpleNamespace(wrapped=sd2))) is sd2
+
+
+def test_merged_network_weights_are_refused():
+    """networks.py records applied LoRAs as module.network_current_names (tuple of (name, te, unet, dyn) items)."""
+    import a1111_backend
+    from test_a1111_mapping import OpenClipLike
+
+    model = OpenClipLike(32, 2, 2, vocab=8)
+    a1111_backend.check_no_merged_networks(model)
+    model.transformer.resblocks[0].attn.network_current_names = (("other", 1.0, 1.0, None),)
+    with pytest.raises(RuntimeError, match="still merged"):
+        a1111_backend.check_no_merged_networks(model)
