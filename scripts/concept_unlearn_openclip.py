@@ -169,21 +169,26 @@ def mlp_linear(block: nn.Module, proj: str) -> nn.Module:
 
 
 @contextmanager
-def routed_attention(resblocks) -> Iterator[list[SplitAttention]]:
-    """For the block, every resblock's attention runs through hookable q/k/v/out proxies; restored after."""
-    splits = []
+def routed_attention(resblocks, splits: list[SplitAttention] | None = None) -> Iterator[list[SplitAttention]]:
+    """For the block, every resblock's attention runs through hookable q/k/v/out proxies; restored after.
+
+    ``splits`` (one per resblock, e.g. made earlier so the engine could hook them) are reused when given."""
+    blocks = list(resblocks)
+    if splits is None:
+        splits = [SplitAttention(attention_of(b)) for b in blocks]
+    if len(splits) != len(blocks) or any(s.attn is not attention_of(b) for s, b in zip(splits, blocks)):
+        raise ValueError("splits do not belong to these resblocks")
+    patched = []
     try:
-        for block in resblocks:
-            attn = attention_of(block)
-            if "forward" in attn.__dict__:
+        for split in splits:
+            if "forward" in split.attn.__dict__:
                 raise RuntimeError("the text encoder's attention is already patched (another extension?): "
                                    "Concept Unlearn cannot route it; disable that extension and retry")
-            split = SplitAttention(attn)
-            attn.forward = split.forward
-            splits.append(split)
+            split.attn.forward = split.forward
+            patched.append(split)
         yield splits
     finally:
-        for split in splits:
+        for split in patched:
             split.attn.__dict__.pop("forward", None)
 
 
