@@ -28,12 +28,21 @@ def _host():
 
     @contextmanager
     def job(name, steps):
+        from modules import sd_hijack
+
+        # as A1111's own Train tab (textual_inversion/ui.py train_embedding): cross-attention optimizations
+        # are undone for training unless the user's "Use cross attention optimizations while training" is on
+        keep_optimizations = bool(getattr(shared.opts, "training_xattention_optimizations", False))
         shared.state.begin(job=name)
         shared.state.job_count = 1
         shared.state.sampling_steps = steps
         try:
+            if not keep_optimizations:
+                sd_hijack.undo_optimizations()
             yield
         finally:
+            if not keep_optimizations:
+                sd_hijack.apply_optimizations()
             shared.state.end()
 
     def progress(info):
