@@ -122,6 +122,8 @@ def check_sd_model(sd_model) -> object:
     """Return the FrozenOpenCLIPEmbedder of an SD2 model; one clear error otherwise."""
     if sd_model is None:
         raise UnsupportedModelError("no checkpoint is loaded: load a Stable Diffusion 2.x checkpoint first")
+    if hasattr(sd_model, "forge_objects"):
+        raise UnsupportedModelError("this is Forge (sd_model.forge_objects); Concept Unlearn's tab supports AUTOMATIC1111")
     if hasattr(sd_model, "conditioner") or getattr(sd_model, "is_sdxl", False):
         raise UnsupportedModelError("the loaded checkpoint is SDXL; Concept Unlearn supports SD 2.x only")
     cond = getattr(sd_model, "cond_stage_model", None)
@@ -137,6 +139,10 @@ def check_sd_model(sd_model) -> object:
     width = inner_embedding(model.token_embedding).weight.shape[1]
     if width != 1024:
         raise UnsupportedModelError(f"text encoder width {width} is not SD 2.x's 1024")
+    key = getattr(getattr(sd_model, "model", None), "conditioning_key", "crossattn")
+    if key != "crossattn":
+        raise UnsupportedModelError(f"this SD 2.x variant conditions with {key!r} (inpainting, depth or unCLIP); "
+                                    "Concept Unlearn supports the text-to-image SD 2.x models")
     if getattr(embedder, "layer", "penultimate") != "penultimate":
         raise UnsupportedModelError(f"text encoder uses layer {embedder.layer!r}; SD 2.x uses the penultimate")
     return embedder

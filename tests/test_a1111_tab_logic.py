@@ -124,6 +124,11 @@ def test_sd_model_checks():
         a1111_backend.check_sd_model(SimpleNamespace(cond_stage_model=SimpleNamespace(wrapped=small)))
     sd2 = Embedder(OpenClipLike(1024, 1, 16, vocab=8))
     assert a1111_backend.check_sd_model(SimpleNamespace(cond_stage_model=SimpleNamespace(wrapped=sd2))) is sd2
+    inpainting = SimpleNamespace(cond_stage_model=SimpleNamespace(wrapped=sd2), model=SimpleNamespace(conditioning_key="hybrid"))
+    with pytest.raises(UnsupportedModelError, match="inpainting"):
+        a1111_backend.check_sd_model(inpainting)
+    with pytest.raises(UnsupportedModelError, match="Forge"):
+        a1111_backend.check_sd_model(SimpleNamespace(forge_objects=object()))
 
 
 def test_merged_network_weights_are_refused():
