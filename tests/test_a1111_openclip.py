@@ -247,3 +247,43 @@ def test_incomplete_attention_is_refused(model):
         oc.merged_weights(model.transformer.resblocks, deltas.to_kohya(torch.float32))
     with pytest.raises(ValueError, match="not a text-encoder LoRA key"):
         oc.kohya_to_a1111({"lora_unet_x.lora_down.weight": torch.zeros(1)})
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("CONCEPT_UNLEARN_OPEN_CLIP"),
+                    reason="set CONCEPT_UNLEARN_OPEN_CLIP to an installed open_clip package folder (2.20)")
+def test_routing_is_bit_identical_on_real_open_clip(monkeypatch):
+    """open_clip's own Transformer (loaded from its files; torchvision, needed only by its vision utils, stubbed)."""
+    import os
+    import sys
+    import types
+
+    folder = os.environ["CONCEPT_UNLEARN_OPEN_CLIP"]
+    misc = types.ModuleType("torchvision.ops.misc")
+    misc.FrozenBatchNorm2d = nn.BatchNorm2d
+    package = types.ModuleType("open_clip")
+    package.__path__ = [folder]
+    for name, module in {"torchvision": types.ModuleType("torchvision"), "torchvision.ops": types.ModuleType("x"),
+                         "torchvision.ops.misc": misc, "open_clip": package}.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    spec = importlib.util.spec_from_file_location("open_clip.transformer", os.path.join(folder, "transformer.py"))
+    transformer = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "open_clip.transformer", transformer)
+    spec.loader.exec_module(transformer)
+    torch.manual_seed(0)
+    tr = transformer.Transformer(width=64, layers=3, heads=4).eval()
+    mask = torch.empty(77, 77).fill_(float("-inf")).triu_(1)
+    x = torch.randn(77, 2, 64)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            stock = tr(x, attn_mask=mask)
+            with oc.routed_attention(tr.resblocks) as splits:
+                routed = tr(x, attn_mask=mask)
+                deltas = Deltas({Target(2, p): (64, 64) for p in oc.ATTENTION}, rank=2)
+                with torch.no_grad():
+                    for p in deltas.up.values():
+                        p.normal_(0, 0.1)
+                with deltas.inject(lambda t: splits[t.layer].proxy(t.proj)):
+                    changed = tr(x, attn_mask=mask)
+        assert torch.equal(stock, routed)
+        assert (changed - stock).abs().max() > 1e-4
+    assert all("forward" not in b.attn.__dict__ for b in tr.resblocks)
