@@ -63,6 +63,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate at the start")
+    parser.add_argument("--final-lr-fraction", type=float, default=1.0,
+                        help="decay the learning rate linearly over the time box down to this fraction of --lr")
     parser.add_argument("--init", help="continue from a saved world model folder (its VAE is kept, not retrained)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -111,11 +114,15 @@ def main() -> None:
     schedule = DDPMScheduler.from_config(scheduler_config)
     alphas = schedule.alphas_cumprod
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    optimizer = torch.optim.AdamW(params, lr=5e-4, weight_decay=1e-2)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
     generator = torch.Generator().manual_seed(args.seed + 2)
     losses, step = [], 0
-    deadline = time.time() + args.minutes * 60
+    begin = time.time()
+    deadline = begin + args.minutes * 60
     while time.time() < deadline:
+        progress = (time.time() - begin) / (deadline - begin)
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * (1 - (1 - args.final_lr_fraction) * progress)
         size = args.batch_size
         index = torch.randint(0, len(latents), (size,), generator=generator)
         x0 = latents[index]
