@@ -176,3 +176,16 @@ def test_example_workflows_match_the_nodes(pack, path):
 def test_example_workflows_exist():
     names = {p.stem for p in (REPO / "example_workflows").glob("*.json")}
     assert {"erase-a-concept-and-compare", "learn-a-token", "apply-a-shared-adapter"} <= names
+
+
+def test_registry_metadata_and_no_torch_for_users():
+    import re
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    comfy = project["tool"]["comfy"]
+    assert comfy["PublisherId"] and comfy["DisplayName"] == "Concept Unlearn" and comfy["Icon"].endswith("js/icon.svg")
+    assert (REPO / "js" / "icon.svg").is_file()
+    requirements = [line.split("#")[0].strip() for line in (REPO / "requirements.txt").read_text().splitlines()]
+    for requirement in project["project"]["dependencies"] + [r for r in requirements if r]:
+        assert re.split(r"[<>=!~\[ ]", requirement)[0].lower() not in {"torch", "torchvision", "torchaudio"}, requirement
