@@ -40,6 +40,7 @@ def test_target_outside_the_conditioning_layers_is_refused():
     (lambda: LoraConfig(compress_rank=4), "compress_rank"),
     (lambda: TokenConfig(token="has space"), "token"),
     (lambda: TokenConfig(token="<t>", lr=-1), "lr"),
+    (lambda: TokenConfig(token="<t>", captions=("a photo of it",)), "captions"),
 ])
 def test_config_errors_name_the_field(make, field):
     with pytest.raises(ValueError, match=f"^{field}: "):

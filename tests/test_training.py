@@ -36,6 +36,19 @@ def test_textual_inversion_loss_falls_on_held_out_noise(sensitive, images):
     assert not torch.equal(result.token.vectors, start.vectors)
 
 
+def test_textual_inversion_with_per_image_captions_loss_falls(sensitive, images):
+    _, backend = sensitive
+    batches = _fixed_batches(backend, images)
+    captions = tuple(f"a {{}} number {i}" for i in range(len(images)))
+    start = ConceptToken("<sq>", init_vectors(backend, "object", 1))
+    result = learn_token(backend, images, TokenConfig(token="<sq>", steps=40, lr=5e-2, captions=captions))
+    before = _denoise_loss(backend, batches, "a <sq> number 0", start)
+    after = _denoise_loss(backend, batches, "a <sq> number 0", result.token)
+    assert after < before * 0.97, (before, after)
+    with pytest.raises(ValueError, match="one caption per image"):
+        learn_token(backend, images, TokenConfig(token="<sq>", steps=1, captions=captions[:1]))
+
+
 def test_erase_moves_the_concept_away_from_the_images(sensitive, images):
     _, backend = sensitive
     batches = _fixed_batches(backend, images)

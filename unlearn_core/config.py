@@ -60,8 +60,14 @@ class TokenConfig:
     lr: float = 5e-3
     batch_size: int = 2
     seed: int = 0
+    # one prompt per example image with "{}" where the token goes (as A1111's [filewords]); empty: templates
+    captions: tuple[str, ...] = ()
 
     def __post_init__(self):
+        object.__setattr__(self, "captions", tuple(self.captions))
+        for caption in self.captions:
+            _require("{}" in caption, "captions",
+                     f"each caption needs '{{}}' where the token goes, e.g. 'a {{}} on a table'; got {caption!r}")
         try:
             check_token_name(self.token)
         except ValueError as error:

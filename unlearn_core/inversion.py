@@ -32,6 +32,9 @@ def encode_latents(backend: Backend, images: torch.Tensor) -> torch.Tensor:
 def learn_token(backend: Backend, images: torch.Tensor, config: TokenConfig,
                 callback: Callback | None = None) -> TokenResult:
     """Learn ``config.n_vectors`` vectors for ``config.token`` so the frozen model reproduces the images."""
+    if config.captions and (images is None or len(config.captions) != len(images)):
+        raise ValueError(f"captions: got {len(config.captions)} for {0 if images is None else len(images)} images; "
+                         "give one caption per image (or none to use the templates)")
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(config.seed)
     counter = PassCounter(backend)
@@ -41,8 +44,13 @@ def learn_token(backend: Backend, images: torch.Tensor, config: TokenConfig,
         token = ConceptToken(config.token, vectors)
 
         def loss_fn(_step):
-            x0, noise, t, x_t = noisy_batch(latents, backend.schedule, config.batch_size, generator)
-            prompts = sample_prompts([config.token], config.kind, config.batch_size, generator)
+            if config.captions:
+                index = torch.randint(0, len(latents), (config.batch_size,), generator=generator)
+                x0, noise, t, x_t = noisy_batch(latents, backend.schedule, config.batch_size, generator, index)
+                prompts = [config.captions[i].format(config.token) for i in index.tolist()]
+            else:
+                x0, noise, t, x_t = noisy_batch(latents, backend.schedule, config.batch_size, generator)
+                prompts = sample_prompts([config.token], config.kind, config.batch_size, generator)
             prediction = counter(x_t, t, encode(backend, prompts, token))
             return {"loss": objectives.denoise(prediction, backend.schedule.target(x0, noise, t))}
 

@@ -113,9 +113,13 @@ class PassCounter:
         return self.backend.predict(x_t, t, cond)
 
 
-def noisy_batch(latents: torch.Tensor, schedule, batch_size: int, generator: torch.Generator):
-    """A seeded training batch: clean latents x0, noise, timesteps t (uniform) and noisy x_t."""
-    index = torch.randint(0, latents.shape[0], (batch_size,), generator=generator)
+def noisy_batch(latents: torch.Tensor, schedule, batch_size: int, generator: torch.Generator,
+                index: torch.Tensor | None = None):
+    """A seeded training batch: clean latents x0, noise, timesteps t (uniform) and noisy x_t.
+
+    ``index`` picks the latents (when the caller needs to know which, e.g. for per-image captions)."""
+    if index is None:
+        index = torch.randint(0, latents.shape[0], (batch_size,), generator=generator)
     t = torch.randint(0, schedule.num_timesteps, (batch_size,), generator=generator)
     x0 = latents[index.to(latents.device)]
     noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
