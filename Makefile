@@ -1,10 +1,11 @@
 # The two commands of the README. Each creates .venv on first use (CPU torch for development).
+# demo: erase one concept from the bundled world model, write out/demo/REPORT.md (2-5 min on a CPU).
 VENV := .venv
 PY := $(VENV)/bin/python
 
 .PHONY: demo test
 demo: $(VENV)/.installed
-	$(PY) -m unlearn_core demo --force
+	$(PY) -m bench.demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

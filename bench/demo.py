@@ -41,7 +41,9 @@ def write_report(out: Path, report: dict) -> Path:
         f"| {_percent(report['acc_related'])} (want unchanged) |",
         "",
         f"Re-learning attack: a fresh token learned on the erased model from the same images shows {concept} in "
-        f"{_percent(report['ti_attack_recovery'])} of its images (lower is more robust).",
+        f"{_percent(report['ti_attack_recovery'])} of its images (lower is more robust). For reference, the same kind "
+        f"of token learned on the clean model shows it in {_percent(report['ti_token_clean'])}: a low attack number "
+        f"means most when this one is high.",
         "",
         f"Erasing took {report['seconds']:.1f} s ({report['unet_passes']} UNet passes) on this machine.",
         "",

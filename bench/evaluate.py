@@ -9,6 +9,7 @@ one synonym + the token; a third phrasing is held out), then generates and class
   acc_others    other concepts of the same kind shown as prompted  (want = acc_others_before)
   acc_related   other concepts sharing colour/style with the examples (want = before)
   ti_attack_recovery  a token re-learned on the erased model from the same images brings the concept back
+  ti_token_clean      the same kind of token learned and used on the clean model (the attack's ceiling)
   h_o           harmonic mean of 1-acc_erased, acc_others, 1-acc_synonyms
 Writes report.json, a before/after grid PNG and the loss curve PNG beside it.
 
@@ -169,6 +170,10 @@ def evaluate(concept: str, method: str, n_images: int, prompt_sets: dict, model_
     report["acc_erased"] = report.pop("acc_erase")
     report["acc_erased_before"] = report.pop("acc_erase_before")
 
+    token_entries = attack_prompt_set(concept, len(prompt_sets["erase"]), token_name, seed)
+    token_images = generate(pipe, backend, [e["prompt"] for e in token_entries], seed, token=token,
+                            steps=sample_steps)
+    report["ti_token_clean"] = share(judge, token_images, token_entries)
     with result.deltas.inject(backend.linear):
         attack = learn_token(backend, images, TokenConfig(token="<attack>", kind=kind, steps=token_steps, lr=2e-2,
                                                           seed=seed + 1)).token

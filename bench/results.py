@@ -13,7 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 FIELDS = ("acc_erased_before", "acc_erased", "acc_synonyms_before", "acc_synonyms", "acc_others_before", "acc_others",
-          "acc_related_before", "acc_related", "ti_attack_recovery", "h_o", "seconds", "unet_passes")
+          "acc_related_before", "acc_related", "ti_token_clean", "ti_attack_recovery", "h_o", "seconds",
+          "unet_passes")
 
 
 def run_one(concept: str, method: str, per_set: int, out: Path, reuse: bool = False) -> dict:
@@ -35,7 +36,7 @@ def table(rows: list[dict]) -> str:
         if "error" in row:
             lines.append(f"| {row['concept']} | {row['method']} | failed: {row['error']} |")
             continue
-        cells = [f"{row[f]:.2f}" if isinstance(row[f], float) else str(row[f]) for f in FIELDS]
+        cells = [f"{row[f]:.2f}" if isinstance(row.get(f), float) else str(row.get(f, "-")) for f in FIELDS]
         lines.append(f"| {row['concept']} | {row['method']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -74,7 +74,7 @@ def test_harness_tiny_run(tmp_path):
     report, result, generated, _ = evaluate.evaluate("star", "weighted", 2, sets, token_steps=3, erase_steps=2,
                                                      sample_steps=3)
     for key in ("acc_erased", "acc_synonyms", "acc_others", "acc_related", "acc_others_before",
-                "acc_related_before", "ti_attack_recovery", "h_o", "seconds", "unet_passes"):
+                "acc_related_before", "ti_token_clean", "ti_attack_recovery", "h_o", "seconds", "unet_passes"):
         assert key in report
     assert 0 <= report["acc_erased"] <= 1 and report["unet_passes"] > 0
     evaluate.save_pictures(tmp_path / "r.json", result, generated, sets, "tiny")
