@@ -44,11 +44,17 @@ CLASSIFIER = Path(__file__).parent / "classifier.safetensors"
 METHODS = ("weighted", "fewshot", "paper", "anchor")
 
 
-def example_images(concept: str, count: int, seed: int) -> torch.Tensor:
+def example_images(concept: str, count: int, seed: int) -> tuple[torch.Tensor, tuple[str, ...]]:
+    """``count`` world images of the concept and, per image, its caption with "{}" in place of the concept.
+
+    The captions let textual inversion (the erase token and the re-learning attack) see the rest of each
+    image described as the world model was trained to read it: the strongest attacker knows the captions."""
     kind = world.CONCEPT_KINDS[concept]
     labels = [label for label in world.all_labels() if label.value(kind) == concept]
-    pixels, _, _ = world.sample(count, seed=seed, labels=labels)
-    return world_classifier.to_tensor(pixels)
+    pixels, chosen, _ = world.sample(count, seed=seed, labels=labels)
+    rng = random.Random(seed + 7)
+    captions = tuple(caption_with(label, kind, "a {}" if kind == "shape" else "{}", rng) for label in chosen)
+    return world_classifier.to_tensor(pixels), captions
 
 
 def caption_with(label: world.Label, kind: str, phrase: str, rng: random.Random) -> str:
@@ -148,11 +154,14 @@ def evaluate(concept: str, method: str, n_images: int, prompt_sets: dict, model_
     pipe.set_progress_bar_config(disable=True)
     backend = DiffusersBackend(pipe)
     judge = world_classifier.load(classifier_path)
-    images = example_images(concept, n_images, seed)
+    images, captions = example_images(concept, n_images, seed)
     kind = "style" if world.CONCEPT_KINDS[concept] == "style" else "object"
     token_name = f"<{concept}>"
-    token = learn_token(backend, images, TokenConfig(token=token_name, kind=kind, steps=token_steps, lr=2e-2,
-                                                     seed=seed)).token
+
+    def token_config(name: str, token_seed: int) -> TokenConfig:
+        return TokenConfig(token=name, kind=kind, steps=token_steps, lr=2e-2, seed=token_seed, captions=captions)
+
+    token = learn_token(backend, images, token_config(token_name, seed)).token
     config = erase_config(method, concept, erase_steps)
     result = erase(backend, config, images, token)
 
@@ -175,8 +184,7 @@ def evaluate(concept: str, method: str, n_images: int, prompt_sets: dict, model_
                             steps=sample_steps)
     report["ti_token_clean"] = share(judge, token_images, token_entries)
     with result.deltas.inject(backend.linear):
-        attack = learn_token(backend, images, TokenConfig(token="<attack>", kind=kind, steps=token_steps, lr=2e-2,
-                                                          seed=seed + 1)).token
+        attack = learn_token(backend, images, token_config("<attack>", seed + 1)).token
     attack_entries = attack_prompt_set(concept, len(prompt_sets["erase"]), "<attack>", seed)
     attack_images = generate(pipe, backend, [e["prompt"] for e in attack_entries], seed, deltas=result.deltas,
                              token=attack, steps=sample_steps)
