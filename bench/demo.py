@@ -57,19 +57,35 @@ def write_report(out: Path, report: dict) -> Path:
     return path
 
 
+def quiet_libraries() -> None:
+    """A newcomer reads the report, not the libraries' loading bars and deprecation notes."""
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    warnings.simplefilter("ignore", FutureWarning)
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concept", default="red", help=f"one of: {', '.join(world.CONCEPT_KINDS)}")
     parser.add_argument("--method", default="weighted", choices=evaluate.METHODS)
     parser.add_argument("--out", default="out/demo")
     args = parser.parse_args()
+    quiet_libraries()
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     print(f"erasing {args.concept!r} from the bundled world model with 4 example images ...")
     sets = evaluate.default_prompt_sets(args.concept, per_set=8, seed=0)
-    report, result, generated, sets = evaluate.evaluate(args.concept, args.method, 4, sets)
+    report, result, generated, sets = evaluate.evaluate(args.concept, args.method, 4, sets,
+                                                         log=lambda message: print(f"  {message} ...", flush=True))
     report["total_seconds"] = round(time.time() - start, 1)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     evaluate.save_pictures(out / "report.json", result, generated, sets, f"erase {args.concept} ({args.method})")

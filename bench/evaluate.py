@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -148,7 +149,7 @@ def erase_config(method: str, concept: str, steps: int | None = None) -> EraseCo
 
 def evaluate(concept: str, method: str, n_images: int, prompt_sets: dict, model_path=MODEL,
              classifier_path=CLASSIFIER, seed: int = 0, token_steps: int = 150, erase_steps: int | None = None,
-             sample_steps: int = 20):
+             sample_steps: int = 20, log=lambda message: None):
     torch.manual_seed(seed)
     pipe = load_pipeline(model_path)
     pipe.set_progress_bar_config(disable=True)
@@ -161,14 +162,17 @@ def evaluate(concept: str, method: str, n_images: int, prompt_sets: dict, model_
     def token_config(name: str, token_seed: int) -> TokenConfig:
         return TokenConfig(token=name, kind=kind, steps=token_steps, lr=2e-2, seed=token_seed, captions=captions)
 
+    log(f"learning the token {token_name} from {n_images} images ({token_steps} steps)")
     token = learn_token(backend, images, token_config(token_name, seed)).token
     config = erase_config(method, concept, erase_steps)
+    log(f"erasing with the {method} method ({config.steps} steps)")
     result = erase(backend, config, images, token)
 
     report = {"concept": concept, "method": method, "images": n_images, "seed": seed,
               "erase_phrases": [config.concept, *config.synonyms, token_name],
               "held_out_phrase": world.phrasings(concept)[2]}
     generated = {}
+    log(f"generating and classifying {sum(map(len, prompt_sets.values()))} prompts before and after")
     for name, entries in prompt_sets.items():
         prompts = [e["prompt"] for e in entries]
         before = generate(pipe, backend, prompts, seed, steps=sample_steps)
@@ -179,6 +183,7 @@ def evaluate(concept: str, method: str, n_images: int, prompt_sets: dict, model_
     report["acc_erased"] = report.pop("acc_erase")
     report["acc_erased_before"] = report.pop("acc_erase_before")
 
+    log("re-learning attack: a fresh token on the erased model")
     token_entries = attack_prompt_set(concept, len(prompt_sets["erase"]), token_name, seed)
     token_images = generate(pipe, backend, [e["prompt"] for e in token_entries], seed, token=token,
                             steps=sample_steps)
@@ -230,7 +235,8 @@ def main() -> None:
                    else default_prompt_sets(args.concept, args.per_set, args.seed))
     start = time.time()
     report, result, generated, prompt_sets = evaluate(args.concept, args.method, args.images, prompt_sets,
-                                                      args.model, seed=args.seed)
+                                                      args.model, seed=args.seed,
+                                                      log=lambda message: print(message, file=sys.stderr, flush=True))
     report["total_seconds"] = round(time.time() - start, 1)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
