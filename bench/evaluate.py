@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from unlearn_core.config import EraseConfig, TokenConfig
+from unlearn_core.config import EraseConfig, LoraConfig, TokenConfig
 from unlearn_core.diffusers_backend import DiffusersBackend, load_pipeline
 from unlearn_core.erase import erase
 from unlearn_core.inversion import learn_token
@@ -138,10 +138,11 @@ def harmonic(values) -> float:
     return len(values) / sum(1 / v for v in values)
 
 
-def erase_config(method: str, concept: str, steps: int | None = None) -> EraseConfig:
+def erase_config(method: str, concept: str, steps: int | None = None, **overrides) -> EraseConfig:
+    """The harness's erase settings; ``overrides`` are EraseConfig fields (e.g. lr, lora)."""
     kind = "style" if world.CONCEPT_KINDS[concept] == "style" else "object"
     phrases = world.phrasings(concept)
-    common = dict(synonyms=(phrases[1],), kind=kind, **({"steps": steps} if steps else {}))
+    common = dict(synonyms=(phrases[1],), kind=kind, **({"steps": steps} if steps else {}), **overrides)
     if method == "paper":
         return EraseConfig.fewshot_paper(phrases[0], **common)
     return EraseConfig(concept=phrases[0], method=method, **common)
@@ -149,7 +150,7 @@ def erase_config(method: str, concept: str, steps: int | None = None) -> EraseCo
 
 def evaluate(concept: str, method: str, n_images: int, prompt_sets: dict, model_path=MODEL,
              classifier_path=CLASSIFIER, seed: int = 0, token_steps: int = 150, erase_steps: int | None = None,
-             sample_steps: int = 20, log=lambda message: None):
+             sample_steps: int = 20, log=lambda message: None, **erase_overrides):
     torch.manual_seed(seed)
     pipe = load_pipeline(model_path)
     pipe.set_progress_bar_config(disable=True)
@@ -164,11 +165,12 @@ def evaluate(concept: str, method: str, n_images: int, prompt_sets: dict, model_
 
     log(f"learning the token {token_name} from {n_images} images ({token_steps} steps)")
     token = learn_token(backend, images, token_config(token_name, seed)).token
-    config = erase_config(method, concept, erase_steps)
+    config = erase_config(method, concept, erase_steps, **erase_overrides)
     log(f"erasing with the {method} method ({config.steps} steps)")
     result = erase(backend, config, images, token)
 
-    report = {"concept": concept, "method": method, "images": n_images, "seed": seed,
+    report = {"concept": concept, "method": method, "mode": config.lora.mode, "lr": config.lr,
+              "compress_rank": config.lora.compress_rank, "images": n_images, "seed": seed,
               "erase_phrases": [config.concept, *config.synonyms, token_name],
               "held_out_phrase": world.phrasings(concept)[2]}
     generated = {}
@@ -226,6 +228,9 @@ def main() -> None:
     parser.add_argument("--per-set", type=int, default=16, help="prompts per generated set (default 16)")
     parser.add_argument("--model", default=str(MODEL), help="world model folder")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mode", choices=("lora", "full"), help="override the method's deltas: LoRA or full weights")
+    parser.add_argument("--compress-rank", type=int, help="full mode: compress to a LoRA of this rank (SVD)")
+    parser.add_argument("--lr", type=float, help="override the method's learning rate")
     parser.add_argument("--out", required=True, help="report .json (grid and loss PNGs are written beside it)")
     args = parser.parse_args()
     if args.concept not in world.CONCEPT_KINDS:
@@ -233,10 +238,14 @@ def main() -> None:
     torch.set_num_threads(1)
     prompt_sets = (json.loads(Path(args.prompts).read_text()) if args.prompts
                    else default_prompt_sets(args.concept, args.per_set, args.seed))
+    overrides = {"lr": args.lr} if args.lr else {}
+    if args.mode:
+        overrides["lora"] = LoraConfig(mode=args.mode, compress_rank=args.compress_rank)
     start = time.time()
     report, result, generated, prompt_sets = evaluate(args.concept, args.method, args.images, prompt_sets,
                                                       args.model, seed=args.seed,
-                                                      log=lambda message: print(message, file=sys.stderr, flush=True))
+                                                      log=lambda message: print(message, file=sys.stderr, flush=True),
+                                                      **overrides)
     report["total_seconds"] = round(time.time() - start, 1)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
