@@ -15,6 +15,14 @@ class on small models of the same structure. Read from (not imported):
   ``module.to()``, which swaps ``param.data`` under tensors autograd saved for backward: refused.
 - extensions-builtin/Lora/networks.py: a LoRA used by the last generation stays merged into the weights
   (``network_current_names``) until the next generation without it: refused (we would train against it).
+- SD 2.x inpainting / depth / unCLIP load as the same classes but condition the UNet with
+  ``sd_model.model.conditioning_key`` "hybrid" / "concat" / "crossattn-adm" (extra UNet inputs): refused.
+
+Module loading: A1111 loads every ``scripts/*.py`` by file path (modules/script_loading.py ``load_module``:
+``spec_from_file_location(basename, path)``, no ``sys.modules`` entry), alphabetically, with the extension folder
+on ``sys.path`` only while loading. So siblings are loaded by path (``sibling``) and the engine is loaded by path
+as the one name ``unlearn_core`` (``load_unlearn_core``); the repository root is never put on ``sys.path``, where
+its ``nodes``, ``tests``, ``bench``, ``scripts`` folders and ComfyUI ``__init__.py`` could shadow other modules.
 """
 from __future__ import annotations
 
@@ -28,23 +36,38 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # A1111 puts the extension folder on sys.path only while it loads scripts
-    sys.path.append(str(ROOT))
 
-from unlearn_core.backend import NoiseSchedule, UnsupportedModelError  # noqa: E402
-from unlearn_core.targets import Target  # noqa: E402
+
+def _load(name: str, init: Path, package: Path | None = None):
+    """Load ``init`` as module ``name`` (a package when ``package`` is given) unless ``name`` is loaded already."""
+    if name not in sys.modules:
+        locations = [str(package)] if package is not None else None
+        spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=locations)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+                del sys.modules[key]
+            raise
+    return sys.modules[name]
+
+
+def load_unlearn_core():
+    """The engine package, registered as ``unlearn_core`` only (an already imported one is reused)."""
+    return _load("unlearn_core", ROOT / "unlearn_core" / "__init__.py", ROOT / "unlearn_core")
 
 
 def sibling(name: str):
-    """Import another file of scripts/ (A1111 loads each script under its file name, not as a package)."""
+    """Another file of scripts/ (``concept_unlearn_<name>.py``), loaded by path once and kept in sys.modules."""
     key = f"concept_unlearn_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, Path(__file__).with_name(f"{key}.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        spec.loader.exec_module(module)
-    return sys.modules[key]
+    return _load(key, Path(__file__).with_name(f"{key}.py"))
 
+
+load_unlearn_core()
+from unlearn_core.backend import NoiseSchedule, UnsupportedModelError  # noqa: E402
+from unlearn_core.targets import Target  # noqa: E402
 
 oc = sibling("openclip")
 
@@ -59,9 +82,11 @@ def check_model(sd_model, lowvram: bool = False, medvram: bool = False) -> None:
         raise UnsupportedModelError("this is Stable Diffusion WebUI Forge, whose model objects differ from "
                                     "AUTOMATIC1111's: use the ComfyUI nodes or the command line instead")
     cond = getattr(sd_model, "cond_stage_model", None)
-    if cond is None or hasattr(cond, "embedders") or getattr(sd_model, "is_sdxl", False):
-        raise UnsupportedModelError(f"the loaded model is SDXL (or has no text encoder); Concept Unlearn works on "
-                                    f"Stable Diffusion 2.x only: {WHAT_TO_DO}")
+    if hasattr(sd_model, "conditioner") or hasattr(cond, "embedders") or getattr(sd_model, "is_sdxl", False):
+        raise UnsupportedModelError(f"the loaded model is SDXL; Concept Unlearn works on Stable Diffusion 2.x only: "
+                                    f"{WHAT_TO_DO}")
+    if cond is None:
+        raise UnsupportedModelError(f"the loaded model has no text encoder (cond_stage_model): {WHAT_TO_DO}")
     embedder = getattr(cond, "wrapped", cond)
     clip = getattr(embedder, "model", None)
     if clip is None or not hasattr(getattr(clip, "transformer", None), "resblocks"):
@@ -70,6 +95,13 @@ def check_model(sd_model, lowvram: bool = False, medvram: bool = False) -> None:
     width = _embedding(clip).weight.shape[1]
     if width != 1024:
         raise UnsupportedModelError(f"the text encoder is {width} wide, SD 2.x's is 1024: {WHAT_TO_DO}")
+    key = getattr(getattr(sd_model, "model", None), "conditioning_key", "crossattn")
+    if key != "crossattn":
+        raise UnsupportedModelError(f"this SD 2.x variant conditions the UNet with {key!r} (inpainting, depth or "
+                                    f"unCLIP); Concept Unlearn works on the text-to-image models: {WHAT_TO_DO}")
+    if getattr(embedder, "layer", "penultimate") != "penultimate" or getattr(embedder, "layer_idx", 1) != 1:
+        raise UnsupportedModelError(f"the text encoder conditions on layer {getattr(embedder, 'layer', None)!r}; "
+                                    f"SD 2.x uses the penultimate one: {WHAT_TO_DO}")
     if getattr(sd_model, "parameterization", None) not in ("eps", "v"):
         raise UnsupportedModelError(f"prediction type {getattr(sd_model, 'parameterization', None)!r} is not eps or v")
     if lowvram or medvram or getattr(sd_model, "lowvram", False):
@@ -108,7 +140,7 @@ class A1111Backend:
         self.clip = self.embedder.model
         self.resblocks = self.clip.transformer.resblocks
         self.width = int(_embedding(self.clip).weight.shape[1])
-        layer_idx = int(getattr(self.embedder, "layer_idx", 0))
+        layer_idx = int(getattr(self.embedder, "layer_idx", 1))  # checked: penultimate
         self.num_layers = len(self.resblocks) - layer_idx
         self.splits = [oc.SplitAttention(oc.attention_of(b)) for b in self.resblocks]
         prediction = "v_prediction" if sd_model.parameterization == "v" else "epsilon"

@@ -5,8 +5,13 @@ scripts/concept_unlearn_a1111_backend.py for the A1111 / ldm files read): cond_s
 FrozenOpenCLIPEmbedder: .model = open_clip text CLIP, .layer_idx = 1, encode_with_transformer),
 apply_model / parameterization / alphas_cumprod / encode_first_stage / scale_factor / first_stage_model / model.
 The open_clip part is the 1024-wide open_clip structure from test_a1111_openclip (3 layers); the UNet and VAE are
-tiny diffusers models behind ldm's method names. What is not covered here: A1111's hijack wrapper
-(EmbeddingsWithFixes, tokenize_line), its devices.autocast on a GPU, and its Lora extension itself.
+tiny diffusers models behind ldm's method names. A twin of a tiny diffusers pipeline (its CLIPTextModel's weights
+written into the open_clip structure by tests/ldm_format.py, its UNet / VAE / schedule behind ldm's names) checks
+that the A1111 path gives diffusers' conditioning and that its adapters are the files the diffusers backend (CLI)
+writes and load in diffusers' load_lora_weights. A stand-in for A1111's hijack (modules/sd_hijack_clip.py
+tokenize_line chunks: start + 75 tokens padded with id_end + end; sd_hijack.EmbeddingsWithFixes around the token
+embedding) covers the default tokenizer path. Not covered here: A1111 itself, devices.autocast on a GPU, and its
+Lora extension (test_a1111_openclip reproduces its merge rules).
 """
 from __future__ import annotations
 
@@ -18,12 +23,15 @@ import pytest
 import torch
 from torch import nn
 
-from unlearn_core import Cancelled, EraseConfig, LoraConfig, erase
-from unlearn_core.adapter_io import read_adapter, write_adapter
+from unlearn_core import Cancelled, EraseConfig, LoraConfig, TokenConfig, erase, learn_token
+from unlearn_core.adapter_io import base_fingerprint, read_adapter, write_adapter
 from unlearn_core.backend import UnsupportedModelError
-from unlearn_core.diffusers_backend import CONFIG_DIR
+from unlearn_core.diffusers_backend import CONFIG_DIR, DiffusersBackend
+from unlearn_core.tokens import init_vectors
+from unlearn_core.tiny import build_pipeline
 
 sys.path.insert(0, str(Path(__file__).parent))
+from ldm_format import text_encoder_to_ldm  # noqa: E402
 from test_a1111_openclip import TextCLIP, encode_with_transformer  # noqa: E402
 
 _PATH = Path(__file__).resolve().parents[1] / "scripts" / "concept_unlearn_a1111_backend.py"
@@ -46,7 +54,7 @@ class FrozenOpenCLIPEmbedder(nn.Module):
 class LatentDiffusionLike(nn.Module):
     """ldm LatentDiffusion's method names over tiny diffusers models."""
 
-    def __init__(self, clip, unet, vae, parameterization="v"):
+    def __init__(self, clip, unet, vae, parameterization="v", alphas_cumprod=None):
         super().__init__()
         self.cond_stage_model = FrozenOpenCLIPEmbedder(clip)
         self.model = nn.Module()
@@ -54,8 +62,10 @@ class LatentDiffusionLike(nn.Module):
         self.first_stage_model = vae
         self.parameterization = parameterization
         self.scale_factor = 0.18215
-        betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
-        self.register_buffer("alphas_cumprod", torch.cumprod(1 - betas, 0).float())
+        if alphas_cumprod is None:
+            betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+            alphas_cumprod = torch.cumprod(1 - betas, 0)
+        self.register_buffer("alphas_cumprod", alphas_cumprod.float().clone())
 
     def apply_model(self, x_noisy, t, cond):
         return self.model.diffusion_model(x_noisy, t, encoder_hidden_states=cond).sample
@@ -109,7 +119,8 @@ def snapshot(m):
 def assert_unchanged(m, snap):
     state = m.state_dict()
     assert all(torch.equal(state[k], v) for k, v in snap.items())
-    assert all("forward" not in b.attn.__dict__ for b in m.cond_stage_model.model.transformer.resblocks)
+    clip = getattr(m.cond_stage_model, "wrapped", m.cond_stage_model).model
+    assert all("forward" not in b.attn.__dict__ for b in clip.transformer.resblocks)
     assert all(p.requires_grad for p in m.parameters())  # flags restored (eval model built with grad on)
 
 
@@ -204,6 +215,7 @@ def test_eps_model_schedule(sd_model_factory, tokenizer):
 
 
 def test_refusals_are_one_clear_line(sd_model, tokenizer):
+    """Each model A1111 may have loaded that the tab cannot train on is refused with one line saying what to do."""
     class SD1Cond(nn.Module):  # ldm FrozenCLIPEmbedder: .transformer (HF CLIP), no .model
         def __init__(self):
             super().__init__()
@@ -211,24 +223,47 @@ def test_refusals_are_one_clear_line(sd_model, tokenizer):
 
     class Fake:
         parameterization = "eps"
+
+    def refused(model, match, **kw):
+        with pytest.raises(UnsupportedModelError, match=match) as error:
+            ab.A1111Backend(model, tokenizer=tokenizer, **kw)
+        assert "\n" not in str(error.value)
+
     sd1 = Fake()
     sd1.cond_stage_model = nn.Module()
     sd1.cond_stage_model.wrapped = SD1Cond()
-    with pytest.raises(UnsupportedModelError, match="1.x"):
-        ab.A1111Backend(sd1)
-    sdxl = Fake()
-    sdxl.cond_stage_model = nn.Module()
+    refused(sd1, "1.x")
+    sdxl = Fake()  # A1111 SDXL: sd_model.conditioner (sgm GeneralConditioner with .embedders)
+    sdxl.conditioner = sdxl.cond_stage_model = nn.Module()
     sdxl.cond_stage_model.embedders = nn.ModuleList()
-    with pytest.raises(UnsupportedModelError, match="SDXL"):
-        ab.A1111Backend(sdxl)
+    refused(sdxl, "SDXL")
     forge = Fake()
     forge.forge_objects = object()
-    with pytest.raises(UnsupportedModelError, match="Forge"):
-        ab.A1111Backend(forge)
-    with pytest.raises(UnsupportedModelError, match="no model is loaded"):
-        ab.A1111Backend(None)
-    with pytest.raises(UnsupportedModelError, match="--lowvram/--medvram"):
-        ab.A1111Backend(sd_model, medvram=True, tokenizer=tokenizer)
+    refused(forge, "Forge")
+    refused(None, "no model is loaded")
+    narrow = Fake()
+    narrow.cond_stage_model = FrozenOpenCLIPEmbedder(TextCLIP(width=32, layers=2, heads=2, vocab=8))
+    refused(narrow, "32 wide, SD 2.x's is 1024")
+    refused(sd_model, "--lowvram/--medvram", medvram=True)
+    refused(sd_model, "--lowvram/--medvram", lowvram=True)
+    for key in ("hybrid", "concat", "crossattn-adm"):  # SD 2.x inpainting / depth / unCLIP
+        sd_model.model.conditioning_key = key
+        try:
+            refused(sd_model, f"{key!r} \\(inpainting, depth or unCLIP\\)")
+        finally:
+            del sd_model.model.conditioning_key
+    sd_model.model.conditioning_key = "crossattn"
+    try:
+        ab.A1111Backend(sd_model, tokenizer=tokenizer)  # SD 2.x text-to-image: accepted
+    finally:
+        del sd_model.model.conditioning_key
+    embedder = sd_model.cond_stage_model
+    embedder.layer, embedder.layer_idx = "last", 0
+    try:
+        refused(sd_model, "penultimate")
+    finally:
+        del embedder.layer
+        embedder.layer_idx = 1
     b = ab.A1111Backend(sd_model, tokenizer=tokenizer)
     fc = sd_model.cond_stage_model.model.transformer.resblocks[0].mlp.c_fc
     fc.network_current_names = (("mylora", 1.0, 1.0, None),)
@@ -238,3 +273,154 @@ def test_refusals_are_one_clear_line(sd_model, tokenizer):
                 pass
     finally:
         del fc.network_current_names
+    with b.session():  # and accepted again once the LoRA is gone
+        pass
+
+
+# ---------------------------------------------------------------------------- the twin of a diffusers pipeline
+
+TWIN_LAYERS = 3  # diffusers' text encoder (already without SD2's skipped last layer); open_clip has one more
+
+
+@pytest.fixture(scope="module")
+def twin():
+    """A tiny 1024-wide diffusers pipeline and an A1111-shaped model carrying exactly its weights."""
+    pipe = build_pipeline(seed=0, width=1024, layers=TWIN_LAYERS)
+    clip = TextCLIP(width=1024, layers=TWIN_LAYERS + 1, heads=pipe.text_encoder.config.num_attention_heads)
+    missing, unexpected = clip.load_state_dict(text_encoder_to_ldm(pipe.text_encoder), strict=False)
+    assert not missing and set(unexpected) == {"text_projection", "logit_scale"}
+    model = LatentDiffusionLike(clip, pipe.unet, pipe.vae, "v", pipe.scheduler.alphas_cumprod).eval()
+    return pipe, model
+
+
+def twin_backend(pipe, model):
+    return ab.A1111Backend(model, tokenizer=lambda prompts: DiffusersBackend(pipe).tokenize(prompts),
+                           latent_size=DiffusersBackend(pipe).latent_size)
+
+
+def test_conditioning_matches_diffusers_and_routing_changes_nothing(twin, tokenizer):
+    pipe, model = twin
+    b = twin_backend(pipe, model)
+    prompts = ["a photo of a red square", "An Oil-Painting of a dog!", ""]
+    ids = b.tokenize(prompts)
+    assert torch.equal(ids, tokenizer(prompts))  # the diffusers tokenizer pads as A1111 does for SD2
+    with torch.no_grad():
+        hf = pipe.text_encoder(ids)[0]
+        ours = b.encode_ids(ids)
+        with b.session():
+            routed = b.encode_ids(ids)
+    assert (ours - hf).abs().max() < 1e-5
+    assert torch.equal(routed, ours)
+    assert b.num_layers == DiffusersBackend(pipe).num_layers == TWIN_LAYERS
+    assert b.schedule.prediction_type == "v_prediction"
+    assert torch.equal(b.schedule.alphas_cumprod, DiffusersBackend(pipe).schedule.alphas_cumprod.float())
+
+
+def test_adapter_made_in_a1111_is_the_cli_file_and_loads_in_diffusers(twin, tmp_path):
+    """Same keys, shapes, metadata keys and base fingerprint as the diffusers backend's (CLI / ComfyUI) file for the
+    same run; diffusers' load_lora_weights applies it with the conditioning the engine trained against."""
+    from safetensors import safe_open
+
+    pipe, model = twin
+    b = twin_backend(pipe, model)
+    reference = DiffusersBackend(pipe)
+    snap = snapshot(model)
+    config = EraseConfig(concept="a red square", steps=3, lr=5e-2, lora=LoraConfig(preset="all", rank=2))
+    with b.session():
+        ours = erase(b, config, images(2))
+    theirs = erase(reference, config, images(2))
+    assert_unchanged(model, snap)
+    assert base_fingerprint(b) == base_fingerprint(reference)
+    a = write_adapter(tmp_path / "a1111.safetensors", ours.deltas, base_fingerprint(b), ours.info())
+    d = write_adapter(tmp_path / "cli.safetensors", theirs.deltas, base_fingerprint(reference), theirs.info())
+    with safe_open(str(a), "pt") as fa, safe_open(str(d), "pt") as fd:
+        assert set(fa.keys()) == set(fd.keys()) and any("_self_attn_q_proj." in k for k in fa.keys())
+        assert all(fa.get_tensor(k).shape == fd.get_tensor(k).shape for k in fa.keys())
+        assert set(fa.metadata()) == set(fd.metadata())
+        assert fa.metadata()["ss_base_model_version"] == "sd_v2" and fa.metadata()["ss_v2"] == "True"
+    for t in ours.deltas.targets:  # same model, same seed: the same training up to float rounding
+        assert (ours.deltas.delta_weight(t) - theirs.deltas.delta_weight(t)).abs().max() < 1e-3
+    read_adapter(a, reference)  # the diffusers side accepts it as made for its base model
+
+    ids = b.tokenize(["a photo of a red square"])
+    with torch.no_grad(), b.session():
+        with read_adapter(a, b).deltas.inject(b.linear):
+            engine = b.encode_ids(ids)
+    fresh = build_pipeline(seed=0, width=1024, layers=TWIN_LAYERS)
+    with torch.no_grad():
+        before = fresh.text_encoder(ids)[0]
+    fresh.load_lora_weights(str(a))
+    with torch.no_grad():
+        loaded = fresh.text_encoder(ids)[0]
+    assert (loaded - before).abs().max() > 1e-3
+    assert (loaded - engine).abs().max() < 1e-4
+
+
+# ---------------------------------------------------------------------------- A1111's hijack, stood in for
+
+class EmbeddingsWithFixes(nn.Module):
+    """modules/sd_hijack.py EmbeddingsWithFixes: wraps the nn.Embedding; fixes are None outside A1111's encode."""
+
+    def __init__(self, wrapped, embeddings):
+        super().__init__()
+        self.wrapped = wrapped
+        object.__setattr__(self, "embeddings", embeddings)  # A1111's model_hijack: not a submodule
+
+    def forward(self, input_ids):
+        batch_fixes, self.embeddings.fixes = self.embeddings.fixes, None
+        assert not batch_fixes
+        return self.wrapped(input_ids)
+
+
+class PromptChunk:
+    def __init__(self, tokens, multipliers, fixes):
+        self.tokens, self.multipliers, self.fixes = tokens, multipliers, fixes
+
+
+class HijackedCond(nn.Module):
+    """FrozenOpenCLIPEmbedderWithCustomWords' tokenize_line / id_* (no emphasis parser: '(' marks weight 1.1,
+    a word in ``embeddings`` marks a textual-inversion fix), around ldm's FrozenOpenCLIPEmbedder."""
+
+    def __init__(self, wrapped, hf_tokenizer, embeddings=()):
+        super().__init__()
+        self.wrapped, self.tok, self.known = wrapped, hf_tokenizer, set(embeddings)
+        self.id_start, self.id_end, self.id_pad = 49406, 49407, 0
+        self.hijack = type("ModelHijack", (), {"fixes": None})()
+        wrapped.model.token_embedding = EmbeddingsWithFixes(wrapped.model.token_embedding, self.hijack)
+
+    def tokenize_line(self, line):
+        tokens = self.tok(line.replace("(", "").replace(")", ""), add_special_tokens=False).input_ids
+        weight = 1.1 if "(" in line else 1.0
+        fixes = [w for w in line.split() if w in self.known]
+        chunks = []
+        for i in range(0, max(len(tokens), 1), 75):
+            part = tokens[i:i + 75]
+            body = part + [self.id_end] * (75 - len(part))
+            chunks.append(PromptChunk([self.id_start] + body + [self.id_end],
+                                      [1.0] + [weight] * len(part) + [1.0] * (76 - len(part)), fixes))
+        return chunks, len(tokens)
+
+
+def test_a1111_tokenizer_path_and_wrapped_embedding(sd_model_factory, tokenizer):
+    from transformers import CLIPTokenizer
+
+    model = sd_model_factory()
+    hf = CLIPTokenizer.from_pretrained(str(CONFIG_DIR / "tokenizer"))
+    model.cond_stage_model = HijackedCond(model.cond_stage_model, hf, embeddings=("my-style",))
+    b = ab.A1111Backend(model)  # no tokenizer given: A1111's tokenize_line is used
+    prompts = ["a photo of a cat", "", "a red car, blue sky"]
+    assert torch.equal(b.tokenize(prompts), tokenizer(prompts))  # zeros after the first end, as process_tokens
+    with pytest.raises(ValueError, match="emphasis"):
+        b.tokenize(["a (cat)"])
+    with pytest.raises(ValueError, match="names an A1111 embedding"):
+        b.tokenize(["a painting in my-style"])
+    with pytest.raises(ValueError, match="longer than 75 tokens"):
+        b.tokenize([" ".join(["cat"] * 80)])
+    inner = model.cond_stage_model.wrapped.model.token_embedding.wrapped
+    assert b.token_embedding() is inner and isinstance(inner, nn.Embedding)
+    snap = snapshot(model)
+    start = init_vectors(b, "object", 1)
+    with b.session():  # the vectors are spliced in (and get gradients) through the wrapped nn.Embedding
+        result = learn_token(b, images(2), TokenConfig(token="<tok>", init_word="object", steps=2, lr=1e-2))
+    assert (result.token.vectors - start).abs().max() > 1e-4
+    assert_unchanged(model, snap)
