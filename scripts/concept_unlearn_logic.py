@@ -1,21 +1,41 @@
 """What the Concept Unlearn tab does, without gradio or A1111: each button is one function over a ``Host``.
 
-``Host`` carries what the functions need from A1111 (the model, folders, shared.state, flags); the tab builds
-it from ``modules.shared`` (see ``a1111_host``), tests build it around a small model. Every function returns
-(message, outputs...) and turns expected failures into one line: what is wrong, what to do.
+``Host`` carries what the functions need from A1111 (the model, folders, shared.state, queue lock, flags); the
+tab builds it from ``modules.shared`` (see ``a1111_host``), tests build it around a small model. Every button
+function returns (message, saved file or None, loss curve or None) and turns expected failures into one line:
+what is wrong, what to do. No gradio or ``modules.*`` import at load (A1111 loads this file as a script too;
+it registers nothing: the tab file concept_unlearn_tab.py does).
 """
-
+# no ``from __future__ import annotations``: A1111 loads this file without a sys.modules entry, and dataclasses
+# look string annotations up in sys.modules (AttributeError on load)
+import importlib.util
 import re
 import sys
+import traceback
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.append(str(ROOT))
+
+def _backend_module():
+    """scripts/concept_unlearn_a1111_backend.py, loaded by path (it also loads unlearn_core, by path)."""
+    key = "concept_unlearn_a1111_backend"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, Path(__file__).with_name(f"{key}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[key]
+            raise
+    return sys.modules[key]
+
+
+backend_module = _backend_module()
 
 from unlearn_core import Cancelled, EraseConfig, LoraConfig, TokenConfig, erase, learn_token  # noqa: E402
 from unlearn_core.adapter_io import (AdapterFileError, base_fingerprint, read_adapter, read_token,  # noqa: E402
@@ -24,20 +44,12 @@ from unlearn_core.backend import UnsupportedModelError  # noqa: E402
 from unlearn_core.images import ImageInputError, prepare  # noqa: E402
 from unlearn_core.plots import loss_curve  # noqa: E402
 
-_here = Path(__file__).with_name("concept_unlearn_a1111_backend.py")
-if "concept_unlearn_a1111_backend" not in sys.modules:
-    import importlib.util
-
-    _spec = importlib.util.spec_from_file_location("concept_unlearn_a1111_backend", _here)
-    _mod = importlib.util.module_from_spec(_spec)
-    sys.modules["concept_unlearn_a1111_backend"] = _mod
-    _spec.loader.exec_module(_mod)
-backend_module = sys.modules["concept_unlearn_a1111_backend"]
-
 METHODS = {"Weighted (images + anchor)": "weighted", "Few-shot (images, gradient ascent)": "fewshot",
-           "Anchor (no images needed)": "anchor"}
+           "Anchor (no images needed)": "anchor",
+           "Few-shot, paper settings (full fc1/fc2 weights, lr 1e-5)": "fewshot-paper"}
 PRESETS = {"Few-shot layers (MLP of all + last attention)": "fewshot", "Last layer": "final", "All layers": "all"}
 EXPECTED = (ValueError, UnsupportedModelError, FileExistsError, AdapterFileError, ImageInputError, OSError)
+OUTPUTS = 3  # (message, saved path, loss curve)
 
 
 @dataclass
@@ -45,7 +57,9 @@ class Host:
     sd_model: Any
     lora_dir: Path
     embeddings_dir: Path
-    state: Any = None  # A1111's shared.state (job, interrupted, sampling_step(s), begin/end)
+    state: Any = None  # A1111's shared.state (job, interrupted, skipped, sampling_step(s), textinfo, begin, end)
+    lock: Any = None  # A1111's call_queue.queue_lock: held for the run, as A1111 holds it for generation/training
+    prepare: Callable[[], Any] | None = None  # context around the run (A1111: undo cross-attention optimizations)
     lowvram: bool = False
     medvram: bool = False
     autocast: Callable | None = None
@@ -78,6 +92,43 @@ def file_stem(text: str, prefix: str = "unlearn_") -> str:
     if not stem:
         raise ValueError("name: give the concept (or an adapter name) using letters or digits")
     return stem if stem.startswith(prefix) else prefix + stem
+
+
+def token_stem(token: str) -> str:
+    """File stem for a token: A1111 names an embedding after its file; '<' '>' are not allowed in Windows names."""
+    stem = (token or "").strip().strip("<>")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", stem):
+        raise ValueError(f"token: {token!r} must be letters, digits, '_', '-' or '.' (optionally in <>), e.g. <my-cat>")
+    return stem
+
+
+def list_files(folder) -> list[str]:
+    """Names (relative to ``folder``, without .safetensors) of the safetensors files there, for the tab's lists."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p.relative_to(folder).with_suffix("").as_posix() for p in folder.rglob("*.safetensors"))
+
+
+def find_file(text: str, folder, what: str) -> Path | None:
+    """A file of ``folder`` named by ``text`` (a name as ``list_files`` gives, a file name, or a path inside it)."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    folder = Path(folder).resolve()
+    base = text[:-len(".safetensors")] if text.endswith(".safetensors") else text
+    if "/" not in base and "\\" not in base:
+        base = base.strip("<>")  # a token typed as <name>
+    name = base + ".safetensors"
+    candidate = (folder / name).resolve()
+    if folder not in candidate.parents:
+        raise ValueError(f"{what}: {text!r} is not inside {folder}")
+    if candidate.is_file():
+        return candidate
+    matches = sorted(folder.rglob(Path(name).name)) if folder.is_dir() else []
+    if matches:
+        return matches[0]
+    raise FileNotFoundError(f"{what}: no {Path(name).name} in {folder}")
 
 
 def gallery_images(items, size: int) -> torch.Tensor:
@@ -119,69 +170,113 @@ def callback_for(state, progress=None, title: str = ""):
     return callback
 
 
-def _job(state, name: str):
-    class Job:
-        def __enter__(self):
-            if state is not None and hasattr(state, "begin"):
-                state.begin(job=name)
-            return self
+class _Job:
+    """shared.state.begin/end around the run (``begin`` clears a stale Interrupt, ``job`` makes others wait)."""
 
-        def __exit__(self, *exc):
-            if state is not None and hasattr(state, "end"):
-                state.end()
-            return False
-    return Job()
+    def __init__(self, state, name: str):
+        self.state, self.name = state, name
+
+    def __enter__(self):
+        if self.state is not None and hasattr(self.state, "begin"):
+            self.state.begin(job=self.name)
+        return self
+
+    def __exit__(self, *exc):
+        if self.state is not None and hasattr(self.state, "end"):
+            self.state.end()
+        return False
+
+
+def _failure(message: str) -> tuple:
+    return (message,) + (None,) * (OUTPUTS - 1)
 
 
 def _guard(fn):
+    """Busy check, queue lock, shared.state job and ``prepare`` around a button; failures become one line."""
     def run(host: Host, *args, **kwargs):
         waiting = busy(host.state)
         if waiting:
-            return (f"Busy: {waiting}",) + (None,) * (run.outputs - 1)
+            return _failure(f"Busy: {waiting}")
+        if host.lock is not None and not host.lock.acquire(blocking=False):
+            return _failure("Busy: AUTOMATIC1111 is generating or training: wait for it to finish, then press the "
+                            "button again")
         try:
-            with _job(host.state, "concept_unlearn"):
+            with _Job(host.state, "concept_unlearn"), (host.prepare or nullcontext)():
                 return fn(host, *args, **kwargs)
         except Cancelled:
-            return ("Interrupted: nothing was saved and the model is unchanged.",) + (None,) * (run.outputs - 1)
+            return _failure("Interrupted: nothing was saved and the model is unchanged.")
         except EXPECTED as error:
-            return (f"Error: {error}",) + (None,) * (run.outputs - 1)
-    run.outputs = 3
-    run.__name__ = fn.__name__
+            return _failure(f"Error: {_line(error)}")
+        except RuntimeError as error:  # e.g. CUDA out of memory: one line here, the details in the console
+            traceback.print_exc()
+            return _failure(f"Error: {_line(error)} (details in the console)")
+        finally:
+            if host.lock is not None:
+                host.lock.release()
+    run.__name__, run.__doc__ = fn.__name__, fn.__doc__
     return run
 
 
-@_guard
-def do_erase(host: Host, images, concept: str, synonyms: str, token_file: str, method_label: str,
-             preset_label: str, steps: int, rank: int, seed: int, name: str = "", progress=None):
-    """Train an erasure adapter and save it to models/Lora. Returns (message, adapter path, loss curve)."""
+def _line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def erase_config(host: Host, concept: str, synonyms: str, method_label: str, preset_label: str, steps: int,
+                 rank: int, seed: int, kind: str = "object", anchor: str = "", preserve: str = "") -> EraseConfig:
     method = METHODS.get(method_label, method_label)
     preset = PRESETS.get(preset_label, preset_label)
+    common = dict(synonyms=split_list(synonyms), kind=kind or "object", anchor=(anchor or "").strip() or "a photo",
+                  steps=int(steps), seed=int(seed))
+    prompts = split_list(preserve)
+    if prompts:
+        common["preserve"] = prompts + ("",)
+    if method == "fewshot-paper":
+        return EraseConfig.fewshot_paper((concept or "").strip(), **common,
+                                         lora=LoraConfig(preset=preset, mode="full", compress_rank=int(rank)))
     extra = {"lr": host.lr} if host.lr else {}
-    config = EraseConfig(concept=(concept or "").strip(), synonyms=split_list(synonyms), method=method,
-                         steps=int(steps), seed=int(seed), lora=LoraConfig(preset=preset, rank=int(rank)), **extra)
+    return EraseConfig(concept=(concept or "").strip(), method=method, lora=LoraConfig(preset=preset, rank=int(rank)),
+                       **common, **extra)
+
+
+@_guard
+def do_erase(host: Host, images, concept: str, synonyms: str, token: str, method_label: str,
+             preset_label: str, steps: int, rank: int, seed: int, name: str = "", progress=None,
+             kind: str = "object", anchor: str = "", preserve: str = ""):
+    """Train an erasure adapter and save it to models/Lora. Returns (message, adapter path, loss curve).
+
+    ``token``: optional concept token, a name or file in embeddings/ (its vectors join the erase prompts)."""
+    config = erase_config(host, concept, synonyms, method_label, preset_label, steps, rank, seed, kind, anchor,
+                          preserve)
     stem = file_stem(name or config.concept)
     path = Path(host.lora_dir) / f"{stem}.safetensors"
     if path.exists() and not host.overwrite:
         raise FileExistsError(f"{path.name} already exists in {path.parent}: choose another name "
                               "(or allow overwriting in Settings > Concept Unlearn)")
-    pictures = gallery_images(images, host.resolution) if images else None
+    token_file = find_file(token, host.embeddings_dir, "concept token")
+    pictures = gallery_images(images, host.resolution) if config.needs_images else None
     backend = host.backend()
-    token = read_token(token_file, backend) if token_file else None
+    concept_token = read_token(token_file, backend) if token_file else None
     with backend.session():
-        result = erase(backend, config, images=pictures, token=token,
+        result = erase(backend, config, images=pictures, token=concept_token,
                        callback=callback_for(host.state, progress, "Erase"))
-    write_adapter(path, result.deltas, base_fingerprint(backend), result.info(), overwrite=host.overwrite)
+    info = result.info()
+    if getattr(result, "notes", None):
+        info["notes"] = result.notes
+    write_adapter(path, result.deltas, base_fingerprint(backend), info, overwrite=host.overwrite)
     return (f"Saved {path.name} ({result.seconds:.0f} s): use <lora:{stem}:1> in a prompt (refresh the Lora tab).",
             str(path), loss_curve(result.history, f"erase {config.concept}"))
 
 
 @_guard
 def do_learn_token(host: Host, images, token_name: str, init_word: str, kind: str, steps: int, seed: int,
-                   progress=None):
+                   progress=None, n_vectors: int = 1):
     """Learn a concept token and save it to embeddings/. Returns (message, token path, loss curve)."""
-    config = TokenConfig(token=(token_name or "").strip(), init_word=(init_word or "object").strip(),
-                         kind=kind or "object", steps=int(steps), seed=int(seed))
-    path = Path(host.embeddings_dir) / f"{config.token}.safetensors"
+    config = TokenConfig(token=(token_name or "").strip(), n_vectors=int(n_vectors),
+                         init_word=(init_word or "object").strip(), kind=kind or "object", steps=int(steps),
+                         seed=int(seed))
+    stem = token_stem(config.token)
+    path = Path(host.embeddings_dir) / f"{stem}.safetensors"
     if path.exists() and not host.overwrite:
         raise FileExistsError(f"{path.name} already exists in {path.parent}: choose another token name")
     pictures = gallery_images(images, host.resolution)
@@ -189,43 +284,76 @@ def do_learn_token(host: Host, images, token_name: str, init_word: str, kind: st
     with backend.session():
         result = learn_token(backend, pictures, config, callback=callback_for(host.state, progress, "Token"))
     write_token(path, result.token, base_fingerprint(backend), overwrite=host.overwrite)
-    return (f"Saved {path.name}: write {config.token} in prompts (A1111 loads embeddings/ automatically).",
-            str(path), loss_curve(result.history, f"token {config.token}"))
+    return (f"Saved {path.name}: write {stem} in prompts (A1111 loads embeddings/ by file name); pick it as the "
+            "concept token to erase with it.", str(path), loss_curve(result.history, f"token {config.token}"))
 
 
 @_guard
-def do_audit(host: Host, images, adapter_file: str, steps: int, seed: int, progress=None):
+def do_audit(host: Host, images, adapter: str, steps: int, seed: int, progress=None):
     """Re-learning attack: learn a token for the images on the base model and on the erased one.
 
     If the erased model's token loss comes down to the base model's, the concept is recoverable by textual
-    inversion (shallow erasure). Returns (message, None, loss curve of the attack on the erased model)."""
-    if not adapter_file:
-        raise ValueError("adapter: pick an erasure adapter file to audit")
+    inversion (shallow erasure). Returns (message, None, loss curve of the attack on the erased model).
+    ``adapter``: a name or file in models/Lora."""
+    adapter_file = find_file(adapter, host.lora_dir, "adapter")
+    if adapter_file is None:
+        raise ValueError("adapter: pick an erasure adapter (a file in models/Lora) to audit")
     pictures = gallery_images(images, host.resolution)
     backend = host.backend()
-    adapter = read_adapter(adapter_file, backend)
+    loaded = read_adapter(adapter_file, backend)
     config = TokenConfig(token="<audit>", steps=int(steps), seed=int(seed))
     with backend.session():
         base = learn_token(backend, pictures, config, callback=callback_for(host.state, progress, "Audit base"))
-        with adapter.deltas.to(backend.device).inject(backend.linear):
+        with loaded.deltas.to(backend.device).inject(backend.linear):
             attacked = learn_token(backend, pictures, config, callback=callback_for(host.state, progress, "Audit"))
     tail = max(1, len(base.history) // 5)
     b = sum(h["loss"] for h in base.history[-tail:]) / tail
     a = sum(h["loss"] for h in attacked.history[-tail:]) / tail
     verdict = "recoverable (shallow erasure)" if a <= b * 1.05 else "not recovered in this budget"
-    return (f"Audit: re-learned token loss {a:.4f} on the erased model vs {b:.4f} on the base model: {verdict}.",
-            None, loss_curve(attacked.history, "re-learning attack on the erased model"))
+    return (f"Audit of {adapter_file.name}: re-learned token loss {a:.4f} on the erased model vs {b:.4f} on the "
+            f"base model: {verdict}.", None, loss_curve(attacked.history, "re-learning attack on the erased model"))
+
+
+def a1111_training_context(shared, sd_hijack, devices):
+    """As A1111's Train tab (modules/textual_inversion/ui.py train_embedding): cross-attention optimizations are
+    undone for the run unless Settings > Training "Use cross attention optimizations while training" is on, and
+    put back afterwards whatever happens; memory is released at the end."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def context():
+        keep = bool(getattr(shared.opts, "training_xattention_optimizations", False))
+        if not keep:
+            sd_hijack.undo_optimizations()
+        try:
+            yield
+        finally:
+            if not keep:
+                sd_hijack.apply_optimizations()
+            devices.torch_gc()
+    return context
+
+
+def a1111_folders() -> tuple[Path, Path]:
+    """(models/Lora, embeddings/) of the running A1111, honouring --lora-dir and --embeddings-dir."""
+    from modules import paths, shared
+
+    lora_dir = getattr(shared.cmd_opts, "lora_dir", None) or str(Path(paths.models_path) / "Lora")
+    embeddings_dir = getattr(shared.cmd_opts, "embeddings_dir", None) or str(Path(paths.data_path) / "embeddings")
+    return Path(lora_dir), Path(embeddings_dir)
 
 
 def a1111_host() -> Host:
     """The Host for the running A1111 (imports modules.* here only)."""
-    from modules import devices, paths, shared
+    from modules import call_queue, devices, sd_hijack, shared
 
-    lora_dir = getattr(shared.cmd_opts, "lora_dir", None) or str(Path(paths.models_path) / "Lora")
-    embeddings_dir = getattr(shared.cmd_opts, "embeddings_dir", None) or str(Path(paths.data_path) / "embeddings")
+    lora_dir, embeddings_dir = a1111_folders()
     opts = shared.opts
-    return Host(sd_model=shared.sd_model, lora_dir=Path(lora_dir), embeddings_dir=Path(embeddings_dir),
-                state=shared.state, lowvram=bool(shared.cmd_opts.lowvram), medvram=bool(shared.cmd_opts.medvram),
+    return Host(sd_model=shared.sd_model, lora_dir=lora_dir, embeddings_dir=embeddings_dir,
+                state=shared.state, lock=call_queue.queue_lock,
+                prepare=a1111_training_context(shared, sd_hijack, devices),
+                lowvram=bool(getattr(shared.cmd_opts, "lowvram", False)),
+                medvram=bool(getattr(shared.cmd_opts, "medvram", False)),
                 autocast=devices.autocast, resolution=int(getattr(opts, "concept_unlearn_resolution", 512)),
                 overwrite=bool(getattr(opts, "concept_unlearn_overwrite", False)),
                 lr=float(getattr(opts, "concept_unlearn_lr", 0) or 0) or None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,44 @@ def test_helpers():
     assert logic.split_list("a, b\nc,,") == ("a", "b", "c")
     with pytest.raises(ValueError, match="name"):
         logic.file_stem("  !! ")
+    assert logic.token_stem("<my-cat>") == logic.token_stem("my-cat") == "my-cat"
+    with pytest.raises(ValueError, match="token"):
+        logic.token_stem("<a/b>")
+
+
+def test_files_are_found_by_name_inside_their_folder_only(tmp_path):
+    folder = tmp_path / "embeddings"
+    (folder / "sub").mkdir(parents=True)
+    for name in ("mycat.safetensors", "sub/style.safetensors", "notes.txt"):
+        (folder / name).write_bytes(b"x")
+    assert logic.list_files(folder) == ["mycat", "sub/style"]
+    assert logic.list_files(tmp_path / "missing") == []
+    found = {logic.find_file(text, folder, "token") for text in ("mycat", "<mycat>", "mycat.safetensors",
+                                                                 str(folder / "mycat.safetensors"))}
+    assert found == {(folder / "mycat.safetensors").resolve()}
+    assert logic.find_file("sub/style", folder, "token") == (folder / "sub" / "style.safetensors").resolve()
+    assert logic.find_file("style", folder, "token") == folder / "sub" / "style.safetensors"
+    assert logic.find_file("  ", folder, "token") is None
+    with pytest.raises(FileNotFoundError, match="token: no dog.safetensors in"):
+        logic.find_file("dog", folder, "token")
+    (tmp_path / "outside.safetensors").write_bytes(b"x")
+    for text in ("../outside", str(tmp_path / "outside.safetensors")):
+        with pytest.raises(ValueError, match="not inside"):
+            logic.find_file(text, folder, "token")
+
+
+def test_method_labels_map_to_engine_configs():
+    host = logic.Host(sd_model=None, lora_dir=Path("."), embeddings_dir=Path("."), lr=3e-4)
+    paper = logic.erase_config(host, "cat", "kitty", "Few-shot, paper settings (full fc1/fc2 weights, lr 1e-5)",
+                               "All layers", 12, 8, 1)
+    assert (paper.method, paper.lr, paper.betas, paper.preserve_weight) == ("fewshot", 1e-5, (0.9, 0.98), 0.0)
+    assert (paper.lora.mode, paper.lora.compress_rank, paper.lora.preset, paper.steps) == ("full", 8, "all", 12)
+    weighted = logic.erase_config(host, " cat ", "", "Weighted (images + anchor)", "Last layer", 5, 2, 0,
+                                  kind="style", anchor="", preserve="a dog, a tree")
+    assert (weighted.concept, weighted.method, weighted.lr, weighted.kind, weighted.anchor) == \
+        ("cat", "weighted", 3e-4, "style", "a photo")
+    assert weighted.preserve == ("a dog", "a tree", "") and weighted.lora.preset == "final"
+    assert set(logic.METHODS.values()) - {"fewshot-paper"} == set(__import__("unlearn_core").config.METHODS)
 
 
 def test_erase_saves_a_loadable_adapter_and_leaves_the_model_unchanged(host, files, sd_model):
@@ -99,12 +138,137 @@ def test_busy_and_errors_are_one_line(host, files):
 
 
 def test_learn_token_then_erase_with_it_then_audit(host, files):
-    message, token_path, _ = logic.do_learn_token(host, files, "<mycat>", "cat", "object", 2, 0)
-    assert message.startswith("Saved <mycat>.safetensors"), message
-    with safe_open(token_path, framework="pt") as f:
-        assert list(f.keys()) == ["emb_params"] and f.get_tensor("emb_params").shape == (1, 1024)
-    message, adapter_path, _ = logic.do_erase(host, files, "cat", "", token_path, "Weighted (images + anchor)",
+    message, token_path, _ = logic.do_learn_token(host, files, "<mycat>", "cat", "object", 2, 0, n_vectors=2)
+    # A1111 names an embedding after its file: no '<' '>' (not allowed in Windows file names)
+    assert message.startswith("Saved mycat.safetensors: write mycat in prompts"), message
+    assert Path(token_path) == host.embeddings_dir / "mycat.safetensors"
+    with safe_open(token_path, framework="pt") as f:  # the single-tensor layout A1111's embedding loader accepts
+        assert list(f.keys()) == ["emb_params"] and f.get_tensor("emb_params").shape == (2, 1024)
+    message, adapter_path, _ = logic.do_erase(host, files, "cat", "", "<mycat>", "Weighted (images + anchor)",
                                               "Last layer", 2, 2, 0, name="cat_tok")
     assert message.startswith("Saved unlearn_cat_tok"), message
-    message, _, curve = logic.do_audit(host, files, adapter_path, 2, 0)
-    assert message.startswith("Audit: re-learned token loss") and curve is not None
+    message, _, curve = logic.do_audit(host, files, "unlearn_cat_tok", 2, 0)
+    assert message.startswith("Audit of unlearn_cat_tok.safetensors: re-learned token loss") and curve is not None
+    message = logic.do_erase(host, files, "cat", "", "nosuchtoken", "Anchor (no images needed)", "Last layer", 1,
+                             2, 0, name="x")[0]
+    assert message.startswith("Error: concept token: no nosuchtoken.safetensors in")
+    assert logic.do_audit(host, files, "", 2, 0)[0].startswith("Error: adapter: pick an erasure adapter")
+
+
+class Lock:
+    def __init__(self, held=False):
+        self.held, self.calls = held, []
+
+    def acquire(self, blocking=True):
+        self.calls.append(("acquire", blocking))
+        if self.held:
+            return False
+        self.held = True
+        return True
+
+    def release(self):
+        self.calls.append(("release",))
+        self.held = False
+
+
+def test_queue_lock_is_held_for_the_run_and_refuses_when_taken(host, files):
+    host.lock = Lock(held=True)  # A1111 is generating (wrap_gradio_gpu_call holds queue_lock)
+    message = logic.do_erase(host, files, "cat", "", "", "Anchor (no images needed)", "Last layer", 1, 2, 0)[0]
+    assert message.startswith("Busy: AUTOMATIC1111 is generating or training") and host.state.jobs == []
+    host.lock = Lock()
+    held = []
+    host.state.begin = lambda job: held.append(host.lock.held)
+    for concept in ("cat", ""):  # a finished run and a failed one both release it
+        logic.do_erase(host, files, concept, "", "", "Anchor (no images needed)", "Last layer", 1, 2, 0, name="lock")
+    assert held == [True, True] and not host.lock.held
+    assert host.lock.calls == [("acquire", False), ("release",)] * 2
+
+
+def test_prepare_wraps_every_run_and_is_undone_after_error_and_interrupt(host, files, sd_model):
+    from contextlib import contextmanager
+
+    events = []
+
+    @contextmanager
+    def prepare():  # A1111: sd_hijack.undo_optimizations() ... apply_optimizations()
+        events.append("undo")
+        try:
+            yield
+        finally:
+            events.append("apply")
+
+    host.prepare = prepare
+    ok = logic.do_erase(host, files, "cat", "", "", "Anchor (no images needed)", "Last layer", 1, 2, 0, name="p")
+    assert ok[0].startswith("Saved") and events == ["undo", "apply"]
+    error = logic.do_erase(host, files, "cat", "", "", "Anchor (no images needed)", "Last layer", 1, 2, 0, name="p")
+    assert error[0].startswith("Error:") and events == ["undo", "apply"] * 2
+    host.state.begin = lambda job: setattr(host.state, "interrupted", True)
+    stopped = logic.do_learn_token(host, files, "<t>", "cat", "object", 3, 0)
+    assert stopped[0].startswith("Interrupted") and events == ["undo", "apply"] * 3
+
+
+def test_model_refusals_and_runtime_errors_are_one_line(host, files, sd_model, capsys):
+    host.sd_model = None
+    message = logic.do_erase(host, files, "cat", "", "", "Anchor (no images needed)", "Last layer", 1, 2, 0)[0]
+    assert message.startswith("Error: no model is loaded: load an SD 2.0/2.1 checkpoint") and "\n" not in message
+    host.sd_model = sd_model
+    host.lowvram = True
+    message = logic.do_learn_token(host, files, "<t>", "cat", "object", 1, 0)[0]
+    assert message.startswith("Error: --lowvram/--medvram") and "\n" not in message
+    host.lowvram = False
+    original = sd_model.apply_model
+    sd_model.apply_model = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("CUDA out of memory.\nTried 2 GiB"))
+    try:
+        message = logic.do_learn_token(host, files, "<t>", "cat", "object", 1, 0)[0]
+    finally:
+        del sd_model.apply_model
+    assert sd_model.apply_model == original
+    assert message == "Error: CUDA out of memory. (details in the console)"
+    assert "Traceback" in capsys.readouterr().err and host.state.job == ""
+
+
+def test_a1111_training_context_follows_the_train_tab(monkeypatch):
+    calls = []
+    shared = types.SimpleNamespace(opts=types.SimpleNamespace(training_xattention_optimizations=False))
+    hijack = types.SimpleNamespace(undo_optimizations=lambda: calls.append("undo"),
+                                   apply_optimizations=lambda: calls.append("apply"))
+    devices = types.SimpleNamespace(torch_gc=lambda: calls.append("gc"))
+    context = logic.a1111_training_context(shared, hijack, devices)
+    with pytest.raises(RuntimeError):
+        with context():
+            assert calls == ["undo"]
+            raise RuntimeError("boom")
+    assert calls == ["undo", "apply", "gc"]
+    shared.opts.training_xattention_optimizations = True  # "Use cross attention optimizations while training"
+    calls.clear()
+    with context():
+        pass
+    assert calls == ["gc"]
+
+
+def test_a1111_host_reads_folders_and_settings(monkeypatch, tmp_path):
+    """modules.shared.cmd_opts --lora-dir / --embeddings-dir, else models/Lora and <data>/embeddings; Settings."""
+    state, lock = object(), object()
+    shared = types.ModuleType("modules.shared")
+    shared.cmd_opts = types.SimpleNamespace(lowvram=False, medvram=True, lora_dir=None, embeddings_dir=None)
+    shared.opts = types.SimpleNamespace(concept_unlearn_resolution=768, concept_unlearn_overwrite=True,
+                                        concept_unlearn_lr=0.0, training_xattention_optimizations=False)
+    shared.state, shared.sd_model = state, "model"
+    fakes = {"shared": shared, "paths": types.SimpleNamespace(models_path=str(tmp_path / "models"),
+                                                               data_path=str(tmp_path)),
+             "call_queue": types.SimpleNamespace(queue_lock=lock), "devices": types.SimpleNamespace(autocast=None),
+             "sd_hijack": types.SimpleNamespace()}
+    package = types.ModuleType("modules")
+    package.__path__ = []
+    monkeypatch.setitem(sys.modules, "modules", package)
+    for name, module in fakes.items():
+        setattr(package, name, module)
+        monkeypatch.setitem(sys.modules, f"modules.{name}", module)
+    h = logic.a1111_host()
+    assert (h.lora_dir, h.embeddings_dir) == (tmp_path / "models" / "Lora", tmp_path / "embeddings")
+    assert (h.sd_model, h.state, h.lock, h.medvram, h.lowvram) == ("model", state, lock, True, False)
+    assert (h.resolution, h.overwrite, h.lr) == (768, True, None) and callable(h.prepare)
+    shared.cmd_opts.lora_dir, shared.cmd_opts.embeddings_dir = str(tmp_path / "L"), str(tmp_path / "E")
+    shared.opts.concept_unlearn_lr = 2e-4
+    h = logic.a1111_host()
+    assert (h.lora_dir, h.embeddings_dir, h.lr) == (tmp_path / "L", tmp_path / "E", 2e-4)
