@@ -1,135 +1,160 @@
-"""AUTOMATIC1111 tab "Concept Unlearn" (loaded by A1111 from scripts/; gradio 3.41 API).
+"""AUTOMATIC1111 tab "Concept Unlearn" (gradio 3.41 API) and its Settings section.
 
-All work is in a1111_tab_logic (tested without A1111); this file only builds the UI and connects
-A1111's shared.sd_model, folders, queue lock and shared.state (progress, Interrupt).
+The only file of scripts/ that registers callbacks (script_callbacks.on_ui_tabs / on_ui_settings). All work is in
+concept_unlearn_logic.py (tested without A1111); this file builds the UI and hands each button A1111's Host
+(shared.sd_model, models/Lora, embeddings/, shared.state, queue_lock, cross-attention optimizations undone for the
+run). A1111 loads every scripts/*.py by file path without a sys.modules entry, so the logic is loaded by path too.
 """
 from __future__ import annotations
 
-import os
+import importlib.util
 import sys
-
-_HERE = os.path.dirname(os.path.abspath(__file__))
-for _path in (_HERE, os.path.dirname(_HERE)):  # scripts/ (sibling modules) and the repo root (unlearn_core)
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
+from pathlib import Path
 
 
-def _host():
-    from contextlib import contextmanager
-    from pathlib import Path
-
-    from modules import paths, shared
-
-    import a1111_backend
-    import a1111_tab_logic as logic
-
-    lora_dir = getattr(shared.cmd_opts, "lora_dir", None) or os.path.join(paths.models_path, "Lora")
-    embeddings_dir = getattr(shared.cmd_opts, "embeddings_dir", None) or os.path.join(paths.data_path, "embeddings")
-
-    @contextmanager
-    def job(name, steps):
-        from modules import sd_hijack
-
-        # as A1111's own Train tab (textual_inversion/ui.py train_embedding): cross-attention optimizations
-        # are undone for training unless the user's "Use cross attention optimizations while training" is on
-        keep_optimizations = bool(getattr(shared.opts, "training_xattention_optimizations", False))
-        shared.state.begin(job=name)
-        shared.state.job_count = 1
-        shared.state.sampling_steps = steps
+def _logic():
+    key = "concept_unlearn_logic"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, Path(__file__).with_name(f"{key}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
         try:
-            if not keep_optimizations:
-                sd_hijack.undo_optimizations()
-            yield
-        finally:
-            if not keep_optimizations:
-                sd_hijack.apply_optimizations()
-            shared.state.end()
-
-    def progress(info):
-        shared.state.sampling_step = info.step
-        shared.state.textinfo = f"step {info.step}/{info.total}, loss {info.losses.get('loss', 0):.4g}"
-
-    return logic.Host(backend=a1111_backend.from_shared, lora_dir=Path(lora_dir), embeddings_dir=Path(embeddings_dir),
-                      interrupted=lambda: bool(shared.state.interrupted), progress=progress, job=job)
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[key]
+            raise
+    return sys.modules[key]
 
 
-def _locked(fn):
-    def run(*args):
-        from modules.call_queue import queue_lock
+logic = _logic()
 
-        with queue_lock:  # one job at a time with A1111's own generation / training
-            out = fn(_host(), *args)
-        return out.message, out.curve
-    return run
+SECTION = ("concept_unlearn", "Concept Unlearn")
+TITLE = "Concept Unlearn"
 
 
-def _erase(host, name, concept, synonyms, method, kind, anchor, preserve, steps, lr, preset, rank, seed, files):
-    import a1111_tab_logic as logic
+def on_ui_settings():
+    """Rarely changed options, on A1111's Settings page (read by logic.a1111_host)."""
+    import gradio as gr
+    from modules import shared
 
-    return logic.erase_concept(host, name, concept, synonyms, method, kind, anchor, preserve, steps, lr, preset,
-                               rank, seed, images=files or None)
+    options = {
+        "concept_unlearn_resolution": shared.OptionInfo(
+            512, "Training image size in pixels (512 for SD 2.x 512-base, 768 for 768-v)", gr.Slider,
+            {"minimum": 256, "maximum": 1024, "step": 64}, section=SECTION),
+        "concept_unlearn_overwrite": shared.OptionInfo(
+            False, "Overwrite an adapter / token file of the same name", section=SECTION),
+        "concept_unlearn_lr": shared.OptionInfo(
+            0.0, "Erase learning rate (0: the method's default; the paper preset keeps its own)", gr.Number,
+            section=SECTION),
+    }
+    for key, info in options.items():
+        shared.opts.add_option(key, info)
 
 
-def _token(host, token, files, n_vectors, init_word, kind, steps, lr, seed):
-    import a1111_tab_logic as logic
-
-    return logic.learn_concept_token(host, token, files or None, n_vectors, init_word, kind, steps, lr, seed)
+def _choices(which: str) -> list[str]:
+    lora_dir, embeddings_dir = logic.a1111_folders()
+    return logic.list_files(lora_dir if which == "lora" else embeddings_dir)
 
 
 def on_ui_tabs():
     import gradio as gr
 
+    def erase_click(files, concept, synonyms, token, method, preset, steps, rank, seed, name, kind, anchor, preserve,
+                    progress=gr.Progress()):
+        message, path, curve = logic.do_erase(logic.a1111_host(), files, concept, synonyms, token, method, preset,
+                                              steps, rank, seed, name=name, progress=progress, kind=kind,
+                                              anchor=anchor, preserve=preserve)
+        adapter = gr.Dropdown.update(choices=_choices("lora"), value=Path(path).stem) if path else gr.Dropdown.update()
+        return message, curve, adapter
+
+    def learn_click(files, token, init_word, kind, steps, seed, n_vectors, progress=gr.Progress()):
+        message, path, curve = logic.do_learn_token(logic.a1111_host(), files, token, init_word, kind, steps, seed,
+                                                    progress=progress, n_vectors=n_vectors)
+        chosen = gr.Dropdown.update(choices=_choices("token"), value=Path(path).stem) if path else gr.Dropdown.update()
+        return message, curve, chosen
+
+    def audit_click(files, adapter, steps, seed, progress=gr.Progress()):
+        message, _path, curve = logic.do_audit(logic.a1111_host(), files, adapter, steps, seed, progress=progress)
+        return message, curve
+
+    def interrupt_click():
+        from modules import shared
+
+        shared.state.interrupt()
+
     with gr.Blocks(analytics_enabled=False) as tab:
-        gr.Markdown("Erase a concept from the loaded **SD 2.x** checkpoint: trains a text-encoder LoRA saved to "
-                    "models/Lora (use it with `<lora:name:1>`). The checkpoint itself is not changed.")
+        gr.Markdown("Erase a concept from the loaded **Stable Diffusion 2.x** checkpoint: *Erase* trains a "
+                    "text-encoder LoRA on it and saves it to models/Lora (use it with `<lora:name:1>`); the "
+                    "checkpoint itself is not changed. *Learn token* saves a concept token to embeddings/; *Audit* "
+                    "tries to re-learn an erased concept. While A1111 generates or trains, the buttons refuse with a "
+                    "message; *Interrupt* stops a run and saves nothing. More options: Settings > Concept Unlearn.")
         with gr.Row():
             with gr.Column():
-                name = gr.Textbox(label="Adapter name", value="erase_concept")
-                concept = gr.Textbox(label="Concept to erase", placeholder="a red square")
-                synonyms = gr.Textbox(label="Synonyms (comma-separated)")
-                method = gr.Dropdown(["anchor", "weighted", "fewshot"], value="anchor", label="Method")
-                kind = gr.Radio(["object", "style"], value="object", label="Kind")
-                anchor = gr.Textbox(label="Anchor prompt", value="a photo")
-                preserve = gr.Textbox(label="Prompts to preserve (comma-separated; empty: defaults)")
+                files = gr.File(label="Example images (4-5 of the concept)", file_count="multiple",
+                                file_types=["image"], elem_id="concept_unlearn_images")
+                concept = gr.Textbox(label="Concept to erase", placeholder="a red square",
+                                     elem_id="concept_unlearn_concept")
+                synonyms = gr.Textbox(label="Synonyms (comma-separated)", elem_id="concept_unlearn_synonyms")
                 with gr.Row():
-                    steps = gr.Slider(1, 1000, value=60, step=1, label="Steps")
-                    lr = gr.Number(value=1e-3, label="Learning rate")
+                    token = gr.Dropdown(choices=_choices("token"), value=None, allow_custom_value=True,
+                                        label="Concept token (optional: a file in embeddings/)",
+                                        elem_id="concept_unlearn_token")
+                    refresh_tokens = gr.Button("Refresh", size="sm", elem_id="concept_unlearn_refresh_tokens")
                 with gr.Row():
-                    preset = gr.Dropdown(["fewshot", "final", "all"], value="fewshot", label="Targets")
-                    rank = gr.Slider(1, 128, value=4, step=1, label="Rank")
-                    seed = gr.Number(value=0, precision=0, label="Seed")
-                files = gr.File(label="Example images (fewshot/weighted)", file_count="multiple", file_types=["image"])
-                run = gr.Button("Erase", variant="primary")
+                    method = gr.Dropdown(list(logic.METHODS), value=next(iter(logic.METHODS)), label="Method",
+                                         elem_id="concept_unlearn_method")
+                    preset = gr.Dropdown(list(logic.PRESETS), value=next(iter(logic.PRESETS)), label="Layers",
+                                         elem_id="concept_unlearn_preset")
+                with gr.Row():
+                    steps = gr.Slider(1, 1000, value=60, step=1, label="Steps", elem_id="concept_unlearn_steps")
+                    rank = gr.Slider(1, 64, value=4, step=1, label="Rank", elem_id="concept_unlearn_rank")
+                    seed = gr.Number(value=0, precision=0, label="Seed", elem_id="concept_unlearn_seed")
+                with gr.Accordion("More erase options", open=False):
+                    name = gr.Textbox(label="Adapter name (empty: unlearn_<concept>)", elem_id="concept_unlearn_name")
+                    kind = gr.Radio(["object", "style"], value="object", label="Kind", elem_id="concept_unlearn_kind")
+                    anchor = gr.Textbox(label="Anchor prompt (what the concept should become)", value="a photo",
+                                        elem_id="concept_unlearn_anchor")
+                    preserve = gr.Textbox(label="Prompts to preserve (comma-separated; empty: defaults)",
+                                          elem_id="concept_unlearn_preserve")
                 with gr.Accordion("Learn a concept token (textual inversion)", open=False):
-                    token = gr.Textbox(label="Token", value="<concept>")
-                    n_vectors = gr.Slider(1, 16, value=1, step=1, label="Vectors")
-                    init_word = gr.Textbox(label="Initial word", value="object")
-                    token_steps = gr.Slider(1, 2000, value=200, step=1, label="Steps")
-                    token_lr = gr.Number(value=5e-3, label="Learning rate")
-                    learn = gr.Button("Learn token")
+                    token_name = gr.Textbox(label="Token name", value="<my-concept>", elem_id="concept_unlearn_token_name")
+                    init_word = gr.Textbox(label="Initial word", value="object", elem_id="concept_unlearn_init_word")
+                    with gr.Row():
+                        n_vectors = gr.Slider(1, 16, value=1, step=1, label="Vectors", elem_id="concept_unlearn_vectors")
+                        token_steps = gr.Slider(1, 2000, value=200, step=1, label="Token steps",
+                                                elem_id="concept_unlearn_token_steps")
+                with gr.Accordion("Audit an adapter (re-learning attack)", open=False):
+                    with gr.Row():
+                        adapter = gr.Dropdown(choices=_choices("lora"), value=None, allow_custom_value=True,
+                                              label="Adapter (a file in models/Lora)", elem_id="concept_unlearn_adapter")
+                        refresh_adapters = gr.Button("Refresh", size="sm", elem_id="concept_unlearn_refresh_adapters")
+                    audit_steps = gr.Slider(1, 2000, value=100, step=1, label="Attack steps",
+                                            elem_id="concept_unlearn_audit_steps")
             with gr.Column():
-                message = gr.Textbox(label="Result", interactive=False)
-                curve = gr.Image(label="Loss", type="pil", interactive=False)
-                interrupt = gr.Button("Interrupt")
+                with gr.Row():
+                    learn = gr.Button("Learn Token", elem_id="concept_unlearn_learn")
+                    run = gr.Button("Erase", variant="primary", elem_id="concept_unlearn_erase")
+                    audit = gr.Button("Audit", elem_id="concept_unlearn_audit")
+                    interrupt = gr.Button("Interrupt", elem_id="concept_unlearn_interrupt")
+                message = gr.Textbox(label="Result", interactive=False, elem_id="concept_unlearn_message")
+                curve = gr.Image(label="Loss curve", type="pil", interactive=False, elem_id="concept_unlearn_curve")
 
-        run.click(_locked(_erase), inputs=[name, concept, synonyms, method, kind, anchor, preserve, steps, lr,
-                                           preset, rank, seed, files], outputs=[message, curve])
-        learn.click(_locked(_token), inputs=[token, files, n_vectors, init_word, kind, token_steps, token_lr, seed],
-                    outputs=[message, curve])
-
-        def _interrupt():
-            from modules import shared
-
-            shared.state.interrupt()
-
-        interrupt.click(_interrupt, inputs=[], outputs=[])
-    return [(tab, "Concept Unlearn", "concept_unlearn")]
+        run.click(erase_click, inputs=[files, concept, synonyms, token, method, preset, steps, rank, seed, name, kind,
+                                       anchor, preserve], outputs=[message, curve, adapter])
+        learn.click(learn_click, inputs=[files, token_name, init_word, kind, token_steps, seed, n_vectors],
+                    outputs=[message, curve, token])
+        audit.click(audit_click, inputs=[files, adapter, audit_steps, seed], outputs=[message, curve])
+        interrupt.click(interrupt_click, inputs=[], outputs=[], queue=False)
+        refresh_tokens.click(lambda: gr.Dropdown.update(choices=_choices("token")), inputs=[], outputs=[token])
+        refresh_adapters.click(lambda: gr.Dropdown.update(choices=_choices("lora")), inputs=[], outputs=[adapter])
+    return [(tab, TITLE, "concept_unlearn")]
 
 
 try:
     from modules import script_callbacks
-except ImportError:  # outside AUTOMATIC1111 (tests import the logic modules directly)
+except ImportError:  # outside AUTOMATIC1111 (tests load this file by path)
     script_callbacks = None
 
 if script_callbacks is not None:
     script_callbacks.on_ui_tabs(on_ui_tabs)
+    script_callbacks.on_ui_settings(on_ui_settings)
