@@ -129,6 +129,7 @@ def text_encoder_to_ldm(text_encoder, extra_block: bool = True, seed: int = 1234
     24 resblocks where diffusers' 23-layer text encoder (penultimate-layer conditioning) uses the first 23.
     """
     state = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
+    state.pop("embeddings.position_ids", None)  # a buffer transformers 4.x saves (0..76), not a weight
     width = int(text_encoder.config.hidden_size)
     layers = int(text_encoder.config.num_hidden_layers)
     out = {

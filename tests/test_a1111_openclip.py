@@ -249,26 +249,41 @@ def test_incomplete_attention_is_refused(model):
         oc.kohya_to_a1111({"lora_unet_x.lora_down.weight": torch.zeros(1)})
 
 
-@pytest.mark.skipif(not __import__("os").environ.get("CONCEPT_UNLEARN_OPEN_CLIP"),
-                    reason="set CONCEPT_UNLEARN_OPEN_CLIP to an installed open_clip package folder (2.20)")
-def test_routing_is_bit_identical_on_real_open_clip(monkeypatch):
-    """open_clip's own Transformer (loaded from its files; torchvision, needed only by its vision utils, stubbed)."""
-    import os
+OPEN_CLIP = __import__("os").environ.get("CONCEPT_UNLEARN_OPEN_CLIP")
+needs_open_clip = pytest.mark.skipif(not OPEN_CLIP, reason="set CONCEPT_UNLEARN_OPEN_CLIP to an installed open_clip "
+                                     "package folder (2.20; its tokenizer needs ftfy and regex)")
+
+
+@pytest.fixture
+def real_open_clip(monkeypatch):
+    """open_clip's own transformer.py and tokenizer.py, loaded from its files. Its package __init__ imports
+    torchvision (absent or built for another torch in test venvs), needed only by its vision utils: stubbed."""
     import sys
     import types
 
-    folder = os.environ["CONCEPT_UNLEARN_OPEN_CLIP"]
+    import transformers  # noqa: F401  (imported first: it probes torchvision's module spec, which the stub lacks)
+
     misc = types.ModuleType("torchvision.ops.misc")
     misc.FrozenBatchNorm2d = nn.BatchNorm2d
     package = types.ModuleType("open_clip")
-    package.__path__ = [folder]
+    package.__path__ = [OPEN_CLIP]
     for name, module in {"torchvision": types.ModuleType("torchvision"), "torchvision.ops": types.ModuleType("x"),
                          "torchvision.ops.misc": misc, "open_clip": package}.items():
         monkeypatch.setitem(sys.modules, name, module)
-    spec = importlib.util.spec_from_file_location("open_clip.transformer", os.path.join(folder, "transformer.py"))
-    transformer = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "open_clip.transformer", transformer)
-    spec.loader.exec_module(transformer)
+    loaded = []
+    for name in ("transformer", "tokenizer"):
+        spec = importlib.util.spec_from_file_location(f"open_clip.{name}", Path(OPEN_CLIP) / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, f"open_clip.{name}", module)
+        spec.loader.exec_module(module)
+        loaded.append(module)
+    return loaded
+
+
+@needs_open_clip
+def test_routing_is_bit_identical_on_real_open_clip(real_open_clip):
+    """open_clip's own Transformer: routed = stock exactly, with and without grad; deltas on the proxies change it."""
+    transformer, _ = real_open_clip
     torch.manual_seed(0)
     tr = transformer.Transformer(width=64, layers=3, heads=4).eval()
     mask = torch.empty(77, 77).fill_(float("-inf")).triu_(1)
@@ -287,3 +302,45 @@ def test_routing_is_bit_identical_on_real_open_clip(monkeypatch):
         assert torch.equal(stock, routed)
         assert (changed - stock).abs().max() > 1e-4
     assert all("forward" not in b.attn.__dict__ for b in tr.resblocks)
+
+
+@needs_open_clip
+def test_real_open_clip_text_tower_with_clip_text_model_weights_gives_diffusers_conditioning(real_open_clip):
+    """open_clip 2.20's TextTransformer holding a CLIPTextModel's weights (tests/ldm_format.py, as SD2 files hold
+    them), encoded as ldm's FrozenOpenCLIPEmbedder does (penultimate layer), equals the conditioning of diffusers'
+    SD2 text encoder (a CLIPTextModel without the skipped last layer), routed or not; and open_clip's tokenizer
+    gives the ids of SD2's CLIPTokenizer (pad id 0), which the tests' tokenizer stand-ins use. Needs transformers,
+    not diffusers, so it also runs in a venv with A1111's pins."""
+    import sys
+
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from unlearn_core.diffusers_backend import CONFIG_DIR
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from ldm_format import text_encoder_to_ldm
+
+    transformer, tokenizer = real_open_clip
+    torch.manual_seed(0)
+    config = CLIPTextConfig(vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=3,
+                            num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu", projection_dim=64)
+    encoder = CLIPTextModel(config).eval()
+    text = transformer.TextTransformer(context_length=77, vocab_size=49408, width=config.hidden_size,
+                                       heads=config.num_attention_heads, layers=config.num_hidden_layers + 1,
+                                       output_dim=config.hidden_size).eval()
+    missing, unexpected = text.load_state_dict(text_encoder_to_ldm(encoder), strict=False)
+    assert not missing and set(unexpected) == {"logit_scale"}
+    # no "!": SD2's CLIPTokenizer has "!" as its pad token and so encodes a "!" in the text as id 0, where
+    # open_clip (A1111) encodes "!</w>" (256): a difference of the hosts' tokenizers, not of this code
+    prompts = ["a photo of a red square", "An Oil-Painting   of  a dog, 3 cats.", ""]
+    ids = tokenizer.tokenize(prompts)
+    expected = CLIPTokenizer.from_pretrained(str(CONFIG_DIR / "tokenizer"))(
+        prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    assert torch.equal(ids, expected)
+    with torch.no_grad():
+        stock = encode_with_transformer(text, ids)
+        with oc.routed_attention(text.transformer.resblocks):
+            routed = encode_with_transformer(text, ids)
+        hf = encoder(ids)[0]
+    assert torch.equal(stock, routed)
+    assert (stock - hf).abs().max() < 1e-5
