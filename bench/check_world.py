@@ -17,7 +17,8 @@ from . import classifier as world_classifier
 from . import evaluate, world
 
 
-def check(model=evaluate.MODEL, per_concept: int = 8, seed: int = 0, steps: int = 20) -> dict[str, float]:
+def check(model=evaluate.MODEL, per_concept: int = 8, seed: int = 0, steps: int = 20,
+          guidance: float = 4.0) -> dict[str, float]:
     pipe = load_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
     backend = DiffusersBackend(pipe)
@@ -28,7 +29,7 @@ def check(model=evaluate.MODEL, per_concept: int = 8, seed: int = 0, steps: int 
         labels = [label for label in world.all_labels() if label.value(kind) == concept]
         entries = [{"prompt": world.caption(label, rng), "expect": {kind: concept}}
                    for label in (rng.choice(labels) for _ in range(per_concept))]
-        images = evaluate.generate(pipe, backend, [e["prompt"] for e in entries], seed, steps=steps)
+        images = evaluate.generate(pipe, backend, [e["prompt"] for e in entries], seed, steps=steps, guidance=guidance)
         scores[concept] = evaluate.share(judge, images, entries)
     return scores
 
@@ -37,10 +38,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--per-concept", type=int, default=8)
     parser.add_argument("--model", default=str(evaluate.MODEL))
+    parser.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20, as the harness)")
+    parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance (default 4, as the harness)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    scores = check(args.model, args.per_concept)
+    scores = check(args.model, args.per_concept, steps=args.steps, guidance=args.guidance)
     for concept, score in scores.items():
         print(f"{concept:<10} {world.CONCEPT_KINDS[concept]:<7} {100 * score:5.0f} %")
     print(f"{'mean':<18} {100 * sum(scores.values()) / len(scores):5.0f} %")
