@@ -186,3 +186,11 @@ def test_erase_with_gradient_surgery_keeps_preserved_prompts_closer(sensitive, i
                 return float((encode(backend, ["a green tree"]) - frozen).pow(2).mean())
 
     assert drift(True) < drift(False)
+
+
+def test_token_is_matched_as_a_whole_word_only(backend):
+    token = ConceptToken("cat", torch.randn(1, backend.width) * 10)
+    with torch.no_grad():
+        inside_words = ["a concatenated cats picture", "bobcat-cat"]
+        assert torch.equal(encode(backend, inside_words, token), encode(backend, inside_words))
+        assert not torch.equal(encode(backend, ["a cat"], token), encode(backend, ["a cat"]))

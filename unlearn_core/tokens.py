@@ -23,6 +23,20 @@ def check_token_name(name: str) -> str:
     return name
 
 
+def token_file_stem(name: str) -> str:
+    """File stem for a token's file: hosts name an embedding after its file, and '<' '>' are not allowed
+    in Windows file names, so ``<my-cat>`` is saved as ``my-cat.safetensors``."""
+    stem = (name or "").strip().strip("<>")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", stem):
+        raise ValueError(f"token {name!r}: use letters, digits, '_', '-' or '.' (optionally in <>), e.g. <my-cat>")
+    return stem
+
+
+def _occurrences(name: str) -> re.Pattern:
+    """``name`` as a whole word: a token called ``cat`` must not match inside ``concatenate`` or ``cats``."""
+    return re.compile(rf"(?<![\w-]){re.escape(name)}(?![\w-])")
+
+
 @dataclass
 class ConceptToken:
     """A learned token: ``vectors`` [n_vectors, width] stand for ``name`` in prompts."""
@@ -40,19 +54,20 @@ class ConceptToken:
         return self.vectors.shape[0]
 
 
-def _fill(prompt: str, name: str, word: str, n: int) -> str:
-    return prompt.replace(name, " " + " ".join([word] * n) + " ")
-
-
 def encode(backend: Backend, prompts: list[str], token: ConceptToken | None = None) -> torch.Tensor:
     """Conditioning for prompts; occurrences of ``token.name`` use the token's vectors (differentiably)."""
-    if token is None or not any(token.name in p for p in prompts):
+    pattern = _occurrences(token.name) if token is not None else None
+    if pattern is None or not any(pattern.search(p) for p in prompts):
         return backend.encode_ids(backend.tokenize(prompts))
     n = token.n_vectors
-    first = backend.tokenize([_fill(p, token.name, _PLACEHOLDERS[0], n) for p in prompts])
-    second = backend.tokenize([_fill(p, token.name, _PLACEHOLDERS[1], n) for p in prompts])
+
+    def fill(word: str) -> list[str]:
+        return [pattern.sub(" " + " ".join([word] * n) + " ", p) for p in prompts]
+
+    first = backend.tokenize(fill(_PLACEHOLDERS[0]))
+    second = backend.tokenize(fill(_PLACEHOLDERS[1]))
     mask = first != second
-    expected = torch.tensor([p.count(token.name) * n for p in prompts])
+    expected = torch.tensor([len(pattern.findall(p)) * n for p in prompts])
     if not torch.equal(mask.sum(dim=1).cpu(), expected):
         raise ValueError(f"a prompt is too long to hold the token {token.name!r}: shorten it")
     with spliced_embeddings(backend.token_embedding(), mask, token.vectors):
