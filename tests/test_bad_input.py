@@ -95,6 +95,29 @@ def test_adapter_for_another_base_model_is_refused(backend, other_model_dir, tmp
     assert read_adapter(path, backend).deltas.rank == 2
 
 
+@pytest.mark.parametrize("recorded", ["[1, 2]", "{not json", '{"probe": 3}'])
+def test_damaged_fingerprint_metadata_is_a_clear_error(backend, tmp_path, recorded):
+    deltas = Deltas({Target(0, "fc1"): (128, 32)}, rank=2)
+    path = tmp_path / "a.safetensors"
+    metadata = {"ss_v2": "True", "concept_unlearn.base_fingerprint": recorded}
+    save_file({k: v.contiguous() for k, v in deltas.to_kohya(torch.float16).items()}, str(path), metadata=metadata)
+    with pytest.raises(AdapterFileError, match="fingerprint metadata is damaged"):
+        read_adapter(path, backend)
+    assert read_adapter(path, backend, allow_other_base=True).deltas.rank == 2
+
+
+def test_adapter_without_fingerprint_loads_and_keeps_the_usual_file_mode(backend, tmp_path):
+    import os
+    import stat
+
+    path = write_adapter(tmp_path / "a.safetensors", Deltas({Target(0, "fc1"): (128, 32)}, rank=2), None)
+    assert read_adapter(path, backend).fingerprint is None
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+    assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]  # no temp file left
+
+
 def test_adapter_with_wrong_shapes_is_refused(backend, tmp_path):
     path = write_adapter(tmp_path / "a.safetensors", Deltas({Target(0, "fc1"): (4096, 1024)}, rank=2), {})
     with pytest.raises(AdapterFileError, match="made for another model"):

@@ -41,6 +41,8 @@ def test_target_outside_the_conditioning_layers_is_refused():
     (lambda: TokenConfig(token="has space"), "token"),
     (lambda: TokenConfig(token="<t>", lr=-1), "lr"),
     (lambda: TokenConfig(token="<t>", captions=("a photo of it",)), "captions"),
+    (lambda: EraseConfig(concept="a cat", gradient_surgery=True, preserve_weight=0), "gradient_surgery"),
+    (lambda: EraseConfig.fewshot_paper("a cat", gradient_surgery=True), "gradient_surgery"),
 ])
 def test_config_errors_name_the_field(make, field):
     with pytest.raises(ValueError, match=f"^{field}: "):

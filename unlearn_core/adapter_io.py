@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import stat
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,13 +38,26 @@ _PROBE_ROWS = (1, 320, 1125, 2368, 49406, 49407)
 
 def base_fingerprint(backend: Backend) -> dict:
     """A few fixed weights of the text encoder, robust to fp16/bf16 casting (compared with tolerance)."""
-    from .targets import Target as T
     embedding = backend.token_embedding().weight
     rows = [r for r in _PROBE_ROWS if r < embedding.shape[0]]
     probe = embedding[rows, :4].detach().float().flatten().tolist()
-    for target in (T(0, "fc1"), T(backend.num_layers - 1, "fc2")):
+    for target in (Target(0, "fc1"), Target(backend.num_layers - 1, "fc2")):
         probe += backend.linear(target).weight[:2, :4].detach().float().flatten().tolist()
     return {"width": int(backend.width), "layers": int(backend.num_layers), "probe": [round(v, 6) for v in probe]}
+
+
+def parse_fingerprint(raw: str | None, name: str = "file") -> dict | None:
+    """The fingerprint recorded in a file's metadata (untrusted text), or None when there is none."""
+    if not raw:
+        return None
+    try:
+        fingerprint = json.loads(raw)
+    except ValueError:
+        fingerprint = None
+    if not isinstance(fingerprint, dict) or not isinstance(fingerprint.get("probe", []), list):
+        raise AdapterFileError(f"{name}: its base-model fingerprint metadata is damaged; "
+                               "re-save the file or allow other bases (--force-base)")
+    return fingerprint
 
 
 def fingerprints_match(a: dict, b: dict) -> bool:
@@ -62,10 +76,14 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: di
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists: choose another name or pass overwrite (--force)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = path.parent / f".{path.stem}.{uuid.uuid4().hex}.tmp"
+    # the usual mode for a new file (0666 less the umask), which save_file does not keep: model folders are
+    # often shared between users
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    usual_mode = stat.S_IMODE(os.stat(tmp).st_mode)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, usual_mode)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -73,7 +91,7 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: di
     return path
 
 
-def adapter_metadata(deltas: Deltas, fingerprint: dict, info: dict) -> dict[str, str]:
+def adapter_metadata(deltas: Deltas, fingerprint: dict | None, info: dict) -> dict[str, str]:
     """kohya's ss_* keys (what hosts read) + our namespaced keys (``info`` e.g. concept, method, steps)."""
     full = deltas.mode == "full"
     metadata = {
@@ -84,21 +102,22 @@ def adapter_metadata(deltas: Deltas, fingerprint: dict, info: dict) -> dict[str,
         "ss_base_model_version": "sd_v2",
         f"{NAMESPACE}.format_version": FORMAT_VERSION,
         f"{NAMESPACE}.mode": deltas.mode,
-        f"{NAMESPACE}.base_fingerprint": json.dumps(fingerprint),
     }
+    if fingerprint:
+        metadata[f"{NAMESPACE}.base_fingerprint"] = json.dumps(fingerprint)
     for key, value in info.items():
         metadata[f"{NAMESPACE}.{key}"] = value if isinstance(value, str) else json.dumps(value)
     return metadata
 
 
-def write_adapter(path, deltas: Deltas, fingerprint: dict, info: dict | None = None,
+def write_adapter(path, deltas: Deltas, fingerprint: dict | None, info: dict | None = None,
                   overwrite: bool = False, dtype: torch.dtype = torch.float16) -> Path:
     return atomic_save(deltas.to_kohya(dtype), path, adapter_metadata(deltas, fingerprint, info or {}), overwrite)
 
 
 def write_token(path, token: ConceptToken, fingerprint: dict | None = None, overwrite: bool = False) -> Path:
     metadata = {f"{NAMESPACE}.format_version": FORMAT_VERSION, f"{NAMESPACE}.token": token.name}
-    if fingerprint is not None:
+    if fingerprint:
         metadata[f"{NAMESPACE}.base_fingerprint"] = json.dumps(fingerprint)
     vectors = token.vectors.detach().float().contiguous().cpu()
     return atomic_save({"emb_params": vectors}, path, metadata, overwrite)
@@ -129,8 +148,7 @@ class AdapterFile:
 
     @property
     def fingerprint(self) -> dict | None:
-        raw = self.info("base_fingerprint")
-        return json.loads(raw) if raw else None
+        return parse_fingerprint(self.info("base_fingerprint"))
 
 
 def validate_adapter_tensors(tensors: dict[str, torch.Tensor], name: str = "adapter") -> None:
@@ -182,8 +200,10 @@ def check_against_backend(deltas: Deltas, metadata: dict[str, str], backend: Bac
         if deltas.shapes[t] != expected:
             raise AdapterFileError(f"{name}: {t} has shape {deltas.shapes[t]}, this model's is {expected}: "
                                    "the adapter was made for another model")
-    raw = metadata.get(f"{NAMESPACE}.base_fingerprint")
-    if raw and not allow_other_base and not fingerprints_match(json.loads(raw), base_fingerprint(backend)):
+    if allow_other_base:
+        return
+    recorded = parse_fingerprint(metadata.get(f"{NAMESPACE}.base_fingerprint"), name)
+    if recorded is not None and not fingerprints_match(recorded, base_fingerprint(backend)):
         raise AdapterFileError(f"{name} was made for another base model (its text-encoder fingerprint differs); "
                                "use it with the model it was made for, or allow other bases (--force-base)")
 

@@ -119,6 +119,9 @@ class EraseConfig:
         _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         for name in ("ascent_weight", "anchor_weight", "preserve_weight"):
             _require(getattr(self, name) >= 0, name, "must be >= 0")
+        _require(not self.gradient_surgery or (self.preserve_weight > 0 and len(self.preserve) > 0),
+                 "gradient_surgery", "needs a preserve term (preserve prompts and preserve_weight > 0) to protect; "
+                 "turn one of them on or turn gradient surgery off")
 
     @property
     def needs_images(self) -> bool:
