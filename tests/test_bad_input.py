@@ -85,6 +85,21 @@ def test_existing_output_is_not_overwritten(capsys, tiny_model_dir, tmp_path):
     assert out.read_bytes() == b"precious"
 
 
+def test_output_name_is_checked_before_training(capsys, tiny_model_dir, tmp_path):
+    code, errors = run_cli(capsys, "erase", "--model", tiny_model_dir, "--concept", "a cat", "--method", "anchor",
+                           "--steps", "1", "--out", tmp_path / "no-cat.lora")
+    assert code == 2 and "must end in .safetensors" in errors[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_output_folder_is_one_line(capsys, tiny_model_dir, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code, errors = run_cli(capsys, "erase", "--model", tiny_model_dir, "--concept", "a cat", "--method", "anchor",
+                           "--steps", "1", "--out", blocker / "no-cat.safetensors")
+    assert code == 2 and errors[0].startswith("error:") and len(errors) == 1
+
+
 def test_adapter_for_another_base_model_is_refused(backend, other_model_dir, tmp_path):
     deltas = Deltas({Target(0, "fc1"): (128, 32)}, rank=2)
     path = write_adapter(tmp_path / "a.safetensors", deltas, base_fingerprint(backend))

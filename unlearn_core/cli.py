@@ -48,8 +48,11 @@ def _images(args, backend):
     return images
 
 
-def _check_out(path: str, force: bool) -> Path:
+def _check_out(path: str, force: bool, suffix: str | None = None) -> Path:
+    """Refuse a bad --out before any training, not after it."""
     path = Path(path)
+    if suffix and path.suffix.lower() != suffix:
+        raise ValueError(f"--out {path}: the file name must end in {suffix}")
     if path.exists() and not force:
         raise FileExistsError(f"{path} already exists: choose another --out or pass --force")
     return path
@@ -62,7 +65,7 @@ def cmd_learn_token(args) -> None:
 
     config = TokenConfig(token=args.token, n_vectors=args.vectors, init_word=args.init_word, kind=args.kind,
                          steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
-    out = _check_out(args.out, args.force)
+    out = _check_out(args.out, args.force, ".safetensors")
     _, backend = _load(args)
     images = _images(args, backend)
     result = learn_token(backend, images, config, _progress(config.steps, f"learning {config.token}"))
@@ -97,7 +100,7 @@ def cmd_erase(args) -> None:
     from .plots import loss_curve
 
     config = erase_config_from_args(args)
-    out = _check_out(args.out, args.force)
+    out = _check_out(args.out, args.force, ".safetensors")
     _, backend = _load(args)
     images = _images(args, backend) if args.images else None
     token = read_token(args.token, backend) if args.token else None
@@ -106,10 +109,12 @@ def cmd_erase(args) -> None:
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
     curve = out.with_suffix(".loss.png")
+    written = [f"{out} ({out.stat().st_size / 1e6:.2f} MB)"]
     if not curve.exists() or args.force:
         loss_curve(result.history, f"erase {config.concept!r} ({config.method})").save(curve)
-    print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB) and {curve.name}: {config.method}, {config.steps} steps, "
-          f"{result.seconds:.1f} s, {result.unet_passes} UNet passes")
+        written.append(curve.name)
+    print(f"wrote {' and '.join(written)}: {config.method}, {config.steps} steps, {result.seconds:.1f} s, "
+          f"{result.unet_passes} UNet passes")
 
 
 def apply_adapter_to_pipeline(pipe, backend, path, strength: float, allow_other_base: bool) -> None:
@@ -264,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, Cancelled):
         print("cancelled: nothing was written", file=sys.stderr)
         return 130
-    except (ValueError, FileExistsError, AdapterFileError, UnsupportedModelError, TrainingDiverged) as error:
+    except (ValueError, OSError, AdapterFileError, UnsupportedModelError, TrainingDiverged) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
