@@ -11,7 +11,7 @@ from ..unlearn_core.config import DEFAULT_PRESERVE, EraseConfig, LoraConfig, Tok
 from ..unlearn_core.erase import erase
 from ..unlearn_core.inversion import learn_token
 from ..unlearn_core.targets import PRESETS
-from ..unlearn_core.tokens import ConceptToken, check_token_name, encode
+from ..unlearn_core.tokens import ConceptToken, check_token_name, encode, token_file_stem
 from . import host
 from .host import ErasureAdapter
 
@@ -70,7 +70,7 @@ class LearnConceptToken:
                              steps=steps, lr=learning_rate, seed=seed)
         target = None
         if save_embedding:
-            target = host.models_folder("embeddings") / f"{config.token}.safetensors"
+            target = host.models_folder("embeddings") / f"{token_file_stem(config.token)}.safetensors"
             if target.exists() and not overwrite:
                 raise FileExistsError(f"embedding {target.name} already exists: choose another token name or "
                                       "turn on overwrite")
@@ -86,7 +86,7 @@ class LearnConceptToken:
             saved = target.name
         curve = host.pil_to_image(plots.loss_curve(result.history, f"token {token.name}"))
         per_step = result.seconds / max(1, len(result.history))
-        return _ui((token, curve, f"embedding:{token.name}"), kind="token", token=token.name, vectors=token.n_vectors,
+        return _ui((token, curve, f"embedding:{token_file_stem(token.name)}"), kind="token", token=token.name, vectors=token.n_vectors,
                    steps=len(result.history), seconds_per_step=round(per_step, 3), saved=saved,
                    final_loss=result.history[-1]["loss"] if result.history else None)
 
@@ -108,7 +108,11 @@ class UnlearnConceptLoRA:
                 "images": ("IMAGE", {"tooltip": "4-5 example images of the concept (methods weighted/fewshot)."}),
                 "concept": ("STRING", {"default": "a red star", "tooltip": "The concept as people prompt it."}),
                 "synonyms": ("STRING", {"default": "", "multiline": False, "tooltip": "Comma-separated."}),
-                "method": (list(METHODS), {"default": "weighted"}),
+                "method": (list(METHODS), {"default": "weighted", "tooltip": "weighted: images + anchor; anchor: no "
+                                           "images needed; fewshot: gradient ascent on the images; fewshot-paper: "
+                                           "Fuchi & Takagi's settings (10 steps, lr 1e-5, full weights, no preserve "
+                                           "term; steps and learning_rate are ignored, the full delta is saved as a "
+                                           "LoRA of the chosen rank by SVD)"}),
                 "kind": (["object", "style"],),
                 "targets": (list(PRESETS), {"default": "fewshot"}),
                 "steps": ("INT", {"default": 60, "min": 1, "max": 10000}),
@@ -133,11 +137,11 @@ class UnlearnConceptLoRA:
                gradient_surgery=False):
         preserve_prompts = host.split_lines(preserve) + ("",)
         common = dict(synonyms=host.split_list(synonyms), kind=kind, anchor=anchor.strip() or "a photo",
-                      steps=steps, seed=seed, preserve=preserve_prompts, gradient_surgery=bool(gradient_surgery))
-        if method == "fewshot-paper":
+                      seed=seed, preserve=preserve_prompts, gradient_surgery=bool(gradient_surgery))
+        if method == "fewshot-paper":  # the published steps and learning rate; the rank sets the SVD compression
             return EraseConfig.fewshot_paper(concept.strip(), **{**common, "lora": LoraConfig(
                 preset=targets, mode="full", compress_rank=rank)})
-        return EraseConfig(concept=concept.strip(), method=method, lr=learning_rate,
+        return EraseConfig(concept=concept.strip(), method=method, lr=learning_rate, steps=steps,
                            lora=LoraConfig(preset=targets, rank=rank), **common)
 
     def run(self, model, clip, vae, images, concept, synonyms, method, kind, targets, steps, rank, learning_rate,
@@ -246,7 +250,7 @@ class SaveErasureAdapter:
         path = (folder / f"{relative}.safetensors").resolve()
         if not relative or folder not in path.parents:
             raise ValueError(f"name {name!r} must be a relative file name inside models/loras, e.g. erasure/no-cat")
-        adapter_io.write_adapter(path, adapter.deltas, adapter.fingerprint or {}, adapter.info, overwrite=overwrite)
+        adapter_io.write_adapter(path, adapter.deltas, adapter.fingerprint, adapter.info, overwrite=overwrite)
         lora_name = path.relative_to(folder).as_posix()
         return _ui((lora_name,), kind="adapter", saved=lora_name, **adapter.summary())
 
@@ -310,8 +314,8 @@ class ErasureAudit:
             labels.append("re-learned token (example | erased)")
             audit["attack"] = {"steps": attack_steps, "final_loss": round(attack_loss, 5)}
         grid = plots.grid(rows, labels, ["before", f"after x{strength:g}"], cell=min(256, max(width, height)))
-        return _ui((host.pil_to_image(grid), adapter.with_info(audit=audit)), kind="audit", audit=audit,
-                   **adapter.summary())
+        audited = adapter.with_info(audit=audit)
+        return _ui((host.pil_to_image(grid), audited), kind="audit", **audited.summary())
 
 
 def _sampler_names():
