@@ -22,15 +22,6 @@ TOL = 1e-5
 PROMPTS = ["a photo of a red square", "Van Gogh style painting of a harbour at night"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine torch's thread pool stalls for seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def original():
     """SD2's block structure at tiny widths: 23 text layers; 4 UNet levels of 2 layers, cross-attention in the

@@ -109,7 +109,8 @@ def _assert_model_untouched(pipe, snapshots):
     for module, before in zip((pipe.unet, pipe.text_encoder, pipe.vae), snapshots):
         assert_identical(module, before)
         assert all(not m._forward_hooks for m in module.modules()), "a hook was left behind"
-    assert all(p.requires_grad for p in pipe.unet.parameters()), "requires_grad flags not restored"
+    for module in (pipe.unet, pipe.text_encoder, pipe.vae):  # diffusers/transformers load them trainable
+        assert all(p.requires_grad for p in module.parameters()), f"{type(module).__name__}: requires_grad not restored"
     assert all(p.grad is None for p in pipe.text_encoder.parameters()), "base weights received gradients"
 
 

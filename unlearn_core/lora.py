@@ -1,7 +1,7 @@
 """Trainable deltas on text-encoder projections, added through forward hooks.
 
 Verbs: ``inject`` (hooks on, in a with-block), ``off`` (compute the frozen model),
-``scale``, ``to_kohya`` / ``from_kohya`` (file tensors), ``compress`` (full -> LoRA by SVD).
+``to_kohya`` / ``from_kohya`` (file tensors), ``compress`` (full -> LoRA by SVD).
 The hooked modules and their weights are never replaced or written.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ MODES = ("lora", "full")
 
 
 class Deltas(nn.Module):
-    """Additive deltas ``y += strength * delta_W @ x`` on a set of targets.
+    """Additive deltas ``y += delta_W @ x`` on a set of targets.
 
     lora: delta_W = (alpha / rank) * up @ down, down [rank, in] random, up [out, rank] zero.
     full: delta_W is a dense [out, in] tensor starting at zero (training it is full fine-tuning
@@ -40,7 +40,6 @@ class Deltas(nn.Module):
         self.alpha = float(alpha if alpha is not None else rank) if mode == "lora" else 0.0
         self.targets = sorted(shapes)
         self.shapes = dict(shapes)
-        self.strength = 1.0
         self.active = True
         self.down = nn.ParameterDict()
         self.up = nn.ParameterDict()
@@ -74,7 +73,7 @@ class Deltas(nn.Module):
             y = (x @ self.down[k].t()) @ self.up[k].t() * self.lora_scale
         else:
             y = x @ self.diff[k].t()
-        return y * self.strength
+        return y
 
     @contextmanager
     def inject(self, linear_for) -> Iterator["Deltas"]:
@@ -91,7 +90,7 @@ class Deltas(nn.Module):
 
     def _hook(self, target: Target):
         def hook(_module, inputs, output):
-            if not self.active or self.strength == 0:
+            if not self.active:
                 return output
             return output + self.apply(target, inputs[0]).to(output.dtype)
         return hook
@@ -105,15 +104,6 @@ class Deltas(nn.Module):
             yield
         finally:
             self.active = previous
-
-    @contextmanager
-    def scaled(self, strength: float) -> Iterator[None]:
-        previous = self.strength
-        self.strength = float(strength)
-        try:
-            yield
-        finally:
-            self.strength = previous
 
     def to_kohya(self, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
         """File tensors: kohya text-encoder keys (``.lora_down/.lora_up/.alpha`` or ``.diff``)."""
@@ -145,7 +135,7 @@ class Deltas(nn.Module):
                 deltas.diff[_key(Target.from_kohya(n))].data.copy_(p["diff"].float())
             return deltas
         rank = parts["lora_down.weight"].shape[0]
-        alpha = float(parts["alpha"]) if "alpha" in parts else float(rank)
+        alpha = float(parts["alpha"])
         shapes = {Target.from_kohya(n): (p["lora_up.weight"].shape[0], p["lora_down.weight"].shape[1])
                   for n, p in names.items()}
         deltas = cls(shapes, mode="lora", rank=rank, alpha=alpha)

@@ -42,12 +42,6 @@ class Target:
     def kohya_name(self) -> str:
         return f"lora_te_text_model_encoder_layers_{self.layer}_{_KOHYA_SUFFIX[self.proj]}"
 
-    @property
-    def hf_path(self) -> str:
-        """Module path inside a transformers CLIPTextModel's ``text_model``."""
-        sub = f"self_attn.{self.proj}_proj" if self.proj in ATTENTION else f"mlp.{self.proj}"
-        return f"encoder.layers.{self.layer}.{sub}"
-
     def __str__(self) -> str:
         return f"{self.layer}.{self.proj}"
 
