@@ -34,7 +34,7 @@ VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=
            layers_per_block=1, norm_num_groups=16, sample_size=32)
 
 
-def train_vae(images: torch.Tensor, steps: int, log) -> "AutoencoderKL":
+def train_vae(images: torch.Tensor, steps: int, log):
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL(**VAE)

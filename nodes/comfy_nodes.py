@@ -1,9 +1,6 @@
 """ComfyUI nodes: thin wrappers over the engine. comfy.* is imported only when a node runs."""
 from __future__ import annotations
 
-import time
-from pathlib import Path
-
 import torch
 
 from ..unlearn_core import adapter_io, plots
@@ -11,7 +8,7 @@ from ..unlearn_core.config import DEFAULT_PRESERVE, EraseConfig, LoraConfig, Tok
 from ..unlearn_core.erase import erase
 from ..unlearn_core.inversion import learn_token
 from ..unlearn_core.targets import PRESETS
-from ..unlearn_core.tokens import ConceptToken, check_token_name, encode, token_file_stem
+from ..unlearn_core.tokens import ConceptToken, encode, token_file_stem
 from . import host
 from .host import ErasureAdapter
 
