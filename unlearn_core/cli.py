@@ -251,8 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="a .safetensors adapter or token")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("demo", help="run the whole flow end to end on a built-in model")
-    p.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
+    p = sub.add_parser("demo", help="run every command end to end on a tiny built-in model with RANDOM weights "
+                                    "(the flow, not erasure quality: `make demo` shows erasure on the world model)")
+    p.add_argument("--out", default="out/cli-demo", help="output folder (default out/cli-demo)")
     p.add_argument("--force", action="store_true", help="overwrite an earlier demo's files")
     p.set_defaults(func=cmd_demo)
     return parser
