@@ -46,7 +46,7 @@ from unlearn_core.plots import loss_curve  # noqa: E402
 
 METHODS = {"Weighted (images + anchor)": "weighted", "Few-shot (images, gradient ascent)": "fewshot",
            "Anchor (no images needed)": "anchor",
-           "Few-shot, paper settings (full fc1/fc2 weights, lr 1e-5)": "fewshot-paper"}
+           "Few-shot, paper settings (10 steps, lr 1e-5, full weights saved as a rank-R LoRA by SVD)": "fewshot-paper"}
 PRESETS = {"Few-shot layers (MLP of all + last attention)": "fewshot", "Last layer": "final", "All layers": "all"}
 EXPECTED = (ValueError, UnsupportedModelError, FileExistsError, AdapterFileError, ImageInputError, OSError)
 OUTPUTS = 3  # (message, saved path, loss curve)
@@ -231,7 +231,8 @@ def erase_config(host: Host, concept: str, synonyms: str, method_label: str, pre
     prompts = split_list(preserve)
     if prompts:
         common["preserve"] = prompts + ("",)
-    if method == "fewshot-paper":
+    if method == "fewshot-paper":  # the paper's steps and lr stand (the Steps slider is not used); full-weight
+        del common["steps"]         # deltas are compressed to the Rank slider's rank by SVD for a small file
         return EraseConfig.fewshot_paper((concept or "").strip(), **common,
                                          lora=LoraConfig(preset=preset, mode="full", compress_rank=int(rank)))
     extra = {"lr": host.lr} if host.lr else {}
@@ -264,8 +265,11 @@ def do_erase(host: Host, images, concept: str, synonyms: str, token: str, method
     if getattr(result, "notes", None):
         info["notes"] = result.notes
     write_adapter(path, result.deltas, base_fingerprint(backend), info, overwrite=host.overwrite)
-    return (f"Saved {path.name} ({result.seconds:.0f} s): use <lora:{stem}:1> in a prompt (refresh the Lora tab).",
-            str(path), loss_curve(result.history, f"erase {config.concept}"))
+    paper = (f" Paper settings: {config.steps} steps at lr {config.lr:g} (the Steps slider is not used); the full "
+             f"weights were saved as a rank-{config.lora.compress_rank} LoRA by SVD (R: the Rank slider)."
+             if METHODS.get(method_label, method_label) == "fewshot-paper" else "")
+    return (f"Saved {path.name} ({result.seconds:.0f} s): use <lora:{stem}:1> in a prompt (refresh the Lora tab)."
+            + paper, str(path), loss_curve(result.history, f"erase {config.concept}"))
 
 
 @_guard
