@@ -83,7 +83,8 @@ def train(count: int, steps: int, seed: int) -> WorldClassifier:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="bench/classifier.safetensors")
+    parser.add_argument("--out", default="out/classifier.safetensors",
+                        help="where to write (default out/classifier.safetensors; copy it over the committed one when it is better)")
     parser.add_argument("--images", type=int, default=12000)
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--seed", type=int, default=0)

@@ -238,9 +238,12 @@ def main() -> None:
     torch.set_num_threads(1)
     prompt_sets = (json.loads(Path(args.prompts).read_text()) if args.prompts
                    else default_prompt_sets(args.concept, args.per_set, args.seed))
-    overrides = {"lr": args.lr} if args.lr else {}
+    overrides = {}
     if args.mode:
         overrides["lora"] = LoraConfig(mode=args.mode, compress_rank=args.compress_rank)
+    lr = args.lr or (1e-5 if args.mode == "full" else None)  # the CLI's default for full weights
+    if lr:
+        overrides["lr"] = lr
     start = time.time()
     report, result, generated, prompt_sets = evaluate(args.concept, args.method, args.images, prompt_sets,
                                                       args.model, seed=args.seed,

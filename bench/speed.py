@@ -56,6 +56,7 @@ def _naive_seconds(pipe, backend, images, variant: str, steps: int) -> float:
     import torch
 
     from unlearn_core import objectives
+    from unlearn_core.config import DEFAULT_PRESERVE
     from unlearn_core.lora import Deltas, target_shapes
     from unlearn_core.targets import resolve_targets
     from unlearn_core.tokens import encode
@@ -70,7 +71,7 @@ def _naive_seconds(pipe, backend, images, variant: str, steps: int) -> float:
     with deltas.inject(backend.linear):
         with torch.no_grad(), deltas.off():
             anchor_cond = encode(backend, ["a photo"])
-            keep = encode(backend, ["a photo", ""])
+            keep = encode(backend, list(DEFAULT_PRESERVE))
         latents = backend.encode_images(images).detach()
         times = []
         for _ in range(steps + 1):
@@ -82,7 +83,7 @@ def _naive_seconds(pipe, backend, images, variant: str, steps: int) -> float:
                 anchor_prediction = backend.predict(x_t, t, anchor_cond.expand(2, -1, -1))
             loss = (objectives.ascent(prediction, backend.schedule.target(x0, noise, t))
                     + objectives.anchor(prediction, anchor_prediction)
-                    + objectives.preserve(encode(backend, ["a photo", ""]), keep))
+                    + objectives.preserve(encode(backend, list(DEFAULT_PRESERVE)), keep))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -91,9 +92,6 @@ def _naive_seconds(pipe, backend, images, variant: str, steps: int) -> float:
 
 
 def measure(variant: str, size: str, resolution: int, steps: int) -> dict:
-    import torch
-
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     pipe, backend, images = _setup(size, resolution)
     if variant in ("engine", "full-deltas"):
         seconds = _engine_seconds(backend, images, "full" if variant == "full-deltas" else "lora", steps)

@@ -1,6 +1,6 @@
 """Train the mini SD2-architecture model on the procedural world (seeded, CPU, time-boxed).
 
-    python -m bench.train_world_model --out bench/world_model --minutes 25
+    python -m bench.train_world_model --out out/world_model --minutes 25
 
 CLIPTextModel (gelu, real CLIP BPE tokenizer; its last hidden state is the conditioning, as in
 diffusers' SD2), UNet2DConditionModel with cross-attention, AutoencoderKL, v-prediction DDPM
@@ -56,7 +56,8 @@ def train_vae(images: torch.Tensor, steps: int, log):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="bench/world_model")
+    parser.add_argument("--out", default="out/world_model",
+                        help="where to write (default out/world_model; copy it over the committed one when it is better)")
     parser.add_argument("--images", type=int, default=20000)
     parser.add_argument("--vae-steps", type=int, default=400)
     parser.add_argument("--minutes", type=float, default=25.0, help="time box for the diffusion training")
