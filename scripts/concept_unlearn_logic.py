@@ -310,7 +310,8 @@ def do_audit(host: Host, images, adapter: str, steps: int, seed: int, progress=N
     config = TokenConfig(token="<audit>", steps=int(steps), seed=int(seed))
     with backend.session():
         base = learn_token(backend, pictures, config, callback=callback_for(host.state, progress, "Audit base"))
-        with loaded.deltas.to(backend.device).inject(backend.linear):
+        # the adapter is fixed during the attack: no gradients for it (a full .diff adapter's would be ~0.8 GB)
+        with loaded.deltas.to(backend.device).requires_grad_(False).inject(backend.linear):
             attacked = learn_token(backend, pictures, config, callback=callback_for(host.state, progress, "Audit"))
     tail = max(1, len(base.history) // 5)
     b = sum(h["loss"] for h in base.history[-tail:]) / tail

@@ -150,7 +150,7 @@ def test_busy_and_errors_are_one_line(host, files):
     assert message.startswith("Error:") and "concept" in message
 
 
-def test_learn_token_then_erase_with_it_then_audit(host, files):
+def test_learn_token_then_erase_with_it_then_audit(host, files, monkeypatch):
     message, token_path, _ = logic.do_learn_token(host, files, "<mycat>", "cat", "object", 2, 0, n_vectors=2)
     # A1111 names an embedding after its file: no '<' '>' (not allowed in Windows file names)
     assert message.startswith("Saved mycat.safetensors: write mycat in prompts"), message
@@ -160,8 +160,17 @@ def test_learn_token_then_erase_with_it_then_audit(host, files):
     message, adapter_path, _ = logic.do_erase(host, files, "cat", "", "<mycat>", "Weighted (images + anchor)",
                                               "Last layer", 2, 2, 0, name="cat_tok")
     assert message.startswith("Saved unlearn_cat_tok"), message
+    audited, read_adapter = [], logic.read_adapter
+
+    def keep(*args):
+        audited.append(read_adapter(*args))
+        return audited[-1]
+
+    monkeypatch.setattr(logic, "read_adapter", keep)
     message, _, curve = logic.do_audit(host, files, "unlearn_cat_tok", 2, 0)
     assert message.startswith("Audit of unlearn_cat_tok.safetensors: re-learned token loss") and curve is not None
+    params = list(audited[0].deltas.parameters())  # the attack learns a token only: the adapter gets no gradients
+    assert params and all(p.grad is None and not p.requires_grad for p in params)
     message = logic.do_erase(host, files, "cat", "", "nosuchtoken", "Anchor (no images needed)", "Last layer", 1,
                              2, 0, name="x")[0]
     assert message.startswith("Error: concept token: no nosuchtoken.safetensors in")
