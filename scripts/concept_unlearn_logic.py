@@ -43,6 +43,7 @@ from unlearn_core.adapter_io import (AdapterFileError, base_fingerprint, read_ad
 from unlearn_core.backend import UnsupportedModelError  # noqa: E402
 from unlearn_core.images import ImageInputError, prepare  # noqa: E402
 from unlearn_core.plots import loss_curve  # noqa: E402
+from unlearn_core.tokens import token_file_stem  # noqa: E402
 
 METHODS = {"Weighted (images + anchor)": "weighted", "Few-shot (images, gradient ascent)": "fewshot",
            "Anchor (no images needed)": "anchor",
@@ -92,14 +93,6 @@ def file_stem(text: str, prefix: str = "unlearn_") -> str:
     if not stem:
         raise ValueError("name: give the concept (or an adapter name) using letters or digits")
     return stem if stem.startswith(prefix) else prefix + stem
-
-
-def token_stem(token: str) -> str:
-    """File stem for a token: A1111 names an embedding after its file; '<' '>' are not allowed in Windows names."""
-    stem = (token or "").strip().strip("<>")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", stem):
-        raise ValueError(f"token: {token!r} must be letters, digits, '_', '-' or '.' (optionally in <>), e.g. <my-cat>")
-    return stem
 
 
 def list_files(folder) -> list[str]:
@@ -281,7 +274,7 @@ def do_learn_token(host: Host, images, token_name: str, init_word: str, kind: st
     config = TokenConfig(token=(token_name or "").strip(), n_vectors=int(n_vectors),
                          init_word=(init_word or "object").strip(), kind=kind or "object", steps=int(steps),
                          seed=int(seed))
-    stem = token_stem(config.token)
+    stem = token_file_stem(config.token)  # A1111 names an embedding after its file
     path = Path(host.embeddings_dir) / f"{stem}.safetensors"
     if path.exists() and not host.overwrite:
         raise FileExistsError(f"{path.name} already exists in {path.parent}: choose another token name")

@@ -59,9 +59,6 @@ def test_helpers():
     assert logic.split_list("a, b\nc,,") == ("a", "b", "c")
     with pytest.raises(ValueError, match="name"):
         logic.file_stem("  !! ")
-    assert logic.token_stem("<my-cat>") == logic.token_stem("my-cat") == "my-cat"
-    with pytest.raises(ValueError, match="token"):
-        logic.token_stem("<a/b>")
 
 
 def test_files_are_found_by_name_inside_their_folder_only(tmp_path):
@@ -148,6 +145,8 @@ def test_busy_and_errors_are_one_line(host, files):
     assert message.startswith("Error:") and "images" in message
     message = logic.do_erase(host, files, "", "", "", "Anchor (no images needed)", "Last layer", 1, 2, 0)[0]
     assert message.startswith("Error:") and "concept" in message
+    message = logic.do_learn_token(host, files, "<-cat>", "cat", "object", 1, 0)[0]  # a token, not a file name
+    assert message.startswith("Error: token '<-cat>'") and "\n" not in message, message
 
 
 def test_learn_token_then_erase_with_it_then_audit(host, files, monkeypatch):

@@ -69,7 +69,7 @@ print(json.dumps({
     "root_on_path": str(root) in sys.path,
     "shadowing": sorted(n for n in ("nodes", "tests", "bench", "scripts") if n in sys.modules),
     "siblings": sorted(k for k in sys.modules if k.startswith("concept_unlearn")),
-    "logic_works": logic.token_stem("<a-b>"),
+    "logic_works": logic.file_stem("a b"),
 }))
 '''
 
@@ -91,4 +91,4 @@ def test_scripts_load_as_a1111_loads_them(tmp_path, with_modules):
     assert Path(out["lazy"]) == ROOT / "unlearn_core" / "tiny.py"
     assert out["root_on_path"] is False and out["shadowing"] == []
     assert out["siblings"] == ["concept_unlearn_a1111_backend", "concept_unlearn_logic", "concept_unlearn_openclip"]
-    assert out["logic_works"] == "a-b"
+    assert out["logic_works"] == "unlearn_a_b"
