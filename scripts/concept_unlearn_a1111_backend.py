@@ -23,6 +23,8 @@ Module loading: A1111 loads every ``scripts/*.py`` by file path (modules/script_
 on ``sys.path`` only while loading. So siblings are loaded by path (``sibling``) and the engine is loaded by path
 as the one name ``unlearn_core`` (``load_unlearn_core``); the repository root is never put on ``sys.path``, where
 its ``nodes``, ``tests``, ``bench``, ``scripts`` folders and ComfyUI ``__init__.py`` could shadow other modules.
+``_load`` is the one loader: the tab file loads this file by path (registered once loaded) and takes the logic
+file from ``sibling("logic")``; the logic file finds this module registered.
 """
 from __future__ import annotations
 

@@ -8,7 +8,6 @@ it registers nothing: the tab file concept_unlearn_tab.py does).
 """
 # no ``from __future__ import annotations``: A1111 loads this file without a sys.modules entry, and dataclasses
 # look string annotations up in sys.modules (AttributeError on load)
-import importlib.util
 import re
 import sys
 import traceback
@@ -19,32 +18,19 @@ from typing import Any, Callable
 
 import torch
 
-
-def _backend_module():
-    """scripts/concept_unlearn_a1111_backend.py, loaded by path (it also loads unlearn_core, by path)."""
-    key = "concept_unlearn_a1111_backend"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, Path(__file__).with_name(f"{key}.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[key]
-            raise
-    return sys.modules[key]
-
-
-backend_module = _backend_module()
-
-from unlearn_core import Cancelled, EraseConfig, LoraConfig, TokenConfig, erase, learn_token  # noqa: E402
-from unlearn_core.adapter_io import (AdapterFileError, base_fingerprint, read_adapter, read_token,  # noqa: E402
+# Loading: this file is loaded through the backend file's loader (``sibling("logic")``: the tab, tests), after the
+# backend has registered itself and the engine ``unlearn_core``. A1111 also runs every scripts/*.py on its own, in
+# alphabetical order, so this file after concept_unlearn_a1111_backend.py, which has registered the engine by then;
+# that copy only defines names and is not used.
+from unlearn_core import Cancelled, EraseConfig, LoraConfig, TokenConfig, erase, learn_token
+from unlearn_core.adapter_io import (AdapterFileError, base_fingerprint, read_adapter, read_token,
                                      write_adapter, write_token)
-from unlearn_core.backend import UnsupportedModelError  # noqa: E402
-from unlearn_core.images import ImageInputError, prepare  # noqa: E402
-from unlearn_core.plots import loss_curve  # noqa: E402
-from unlearn_core.tokens import token_file_stem  # noqa: E402
+from unlearn_core.backend import UnsupportedModelError
+from unlearn_core.images import ImageInputError, prepare
+from unlearn_core.plots import loss_curve
+from unlearn_core.tokens import token_file_stem
 
+BACKEND = "concept_unlearn_a1111_backend"  # registered by the tab (and tests) before they load this file
 METHODS = {"Weighted (images + anchor)": "weighted", "Few-shot (images, gradient ascent)": "fewshot",
            "Anchor (no images needed)": "anchor",
            "Few-shot, paper settings (10 steps, lr 1e-5, full weights saved as a rank-R LoRA by SVD)": "fewshot-paper"}
@@ -71,7 +57,7 @@ class Host:
     extra: dict = field(default_factory=dict)
 
     def backend(self):
-        return backend_module.A1111Backend(self.sd_model, lowvram=self.lowvram, medvram=self.medvram,
+        return sys.modules[BACKEND].A1111Backend(self.sd_model, lowvram=self.lowvram, medvram=self.medvram,
                                            tokenizer=self.tokenizer, autocast=self.autocast,
                                            latent_size=self.resolution // 8)
 

@@ -3,7 +3,11 @@
 The only file of scripts/ that registers callbacks (script_callbacks.on_ui_tabs / on_ui_settings). All work is in
 concept_unlearn_logic.py (tested without A1111); this file builds the UI and hands each button A1111's Host
 (shared.sd_model, models/Lora, embeddings/, shared.state, queue_lock, cross-attention optimizations undone for the
-run). A1111 loads every scripts/*.py by file path without a sys.modules entry, so the logic is loaded by path too.
+run).
+
+Loading: A1111 loads every scripts/*.py by path without a sys.modules entry, so nothing here is imported by name:
+this file loads the backend file by path once (``_backend``); the backend's ``sibling`` loads the logic file (and
+the backend loads the engine), registered, the one loader of scripts/ files (see the backend's docstring).
 """
 from __future__ import annotations
 
@@ -11,22 +15,20 @@ import importlib.util
 import sys
 from pathlib import Path
 
+BACKEND = "concept_unlearn_a1111_backend"
 
-def _logic():
-    key = "concept_unlearn_logic"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, Path(__file__).with_name(f"{key}.py"))
+
+def _backend():
+    """scripts/concept_unlearn_a1111_backend.py, loaded by path once and registered under its name."""
+    if BACKEND not in sys.modules:
+        spec = importlib.util.spec_from_file_location(BACKEND, Path(__file__).with_name(f"{BACKEND}.py"))
         module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[key]
-            raise
-    return sys.modules[key]
+        spec.loader.exec_module(module)  # what it registers itself (engine, siblings) its loader removes on failure
+        sys.modules[BACKEND] = module  # registered only once loaded: a failed load leaves nothing behind
+    return sys.modules[BACKEND]
 
 
-logic = _logic()
+logic = _backend().sibling("logic")
 
 SECTION = ("concept_unlearn", "Concept Unlearn")
 TITLE = "Concept Unlearn"

@@ -16,10 +16,12 @@ from safetensors import safe_open
 sys.path.insert(0, str(Path(__file__).parent))
 from test_a1111_backend import sd_model, sd_model_factory, snapshot, assert_unchanged, tokenizer  # noqa: E402,F401
 
-_PATH = Path(__file__).resolve().parents[1] / "scripts" / "concept_unlearn_logic.py"
-_spec = importlib.util.spec_from_file_location("concept_unlearn_logic", _PATH)
-logic = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(logic)
+# the logic module the tab uses: the tab file, loaded by path as A1111 loads it, loads it through the backend's loader
+_TAB = Path(__file__).resolve().parents[1] / "scripts" / "concept_unlearn_tab.py"
+_spec = importlib.util.spec_from_file_location(_TAB.name, _TAB)
+_tab = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_tab)
+logic = _tab.logic
 
 
 class State:

@@ -70,6 +70,8 @@ print(json.dumps({
     "shadowing": sorted(n for n in ("nodes", "tests", "bench", "scripts") if n in sys.modules),
     "siblings": sorted(k for k in sys.modules if k.startswith("concept_unlearn")),
     "logic_works": logic.file_stem("a b"),
+    "tab_logic_registered": loaded["concept_unlearn_tab.py"].logic is logic,
+    "host_backend": sys.modules[logic.BACKEND].__file__,
 }))
 '''
 
@@ -91,4 +93,54 @@ def test_scripts_load_as_a1111_loads_them(tmp_path, with_modules):
     assert Path(out["lazy"]) == ROOT / "unlearn_core" / "tiny.py"
     assert out["root_on_path"] is False and out["shadowing"] == []
     assert out["siblings"] == ["concept_unlearn_a1111_backend", "concept_unlearn_logic", "concept_unlearn_openclip"]
-    assert out["logic_works"] == "unlearn_a_b"
+    assert out["logic_works"] == "unlearn_a_b" and out["tab_logic_registered"] is True
+    assert Path(out["host_backend"]) == ROOT / "scripts" / "concept_unlearn_a1111_backend.py"
+
+
+FAILING = r'''
+import importlib.util, json, sys
+from pathlib import Path
+
+root = Path(sys.argv[1])
+sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+sys.path[:] = [p for p in sys.path if p not in ("", str(root))]
+sibling = root / "scripts" / "concept_unlearn_openclip.py"
+good = sibling.read_text()
+
+def load_tab():
+    path = root / "scripts" / "concept_unlearn_tab.py"
+    spec = importlib.util.spec_from_file_location(path.name, str(path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+sibling.write_text(good + "\nraise RuntimeError('broken sibling')\n")
+try:
+    load_tab()
+    error = None
+except RuntimeError as e:
+    error = str(e)
+after_failure = sorted(k for k in sys.modules if k.startswith("concept_unlearn"))
+sibling.write_text(good)  # fixed, then A1111's Reload UI loads the scripts again
+tab = load_tab()
+print(json.dumps({"error": error, "after_failure": after_failure,
+                  "after_retry": sorted(k for k in sys.modules if k.startswith("concept_unlearn")),
+                  "works": tab.logic.file_stem("x")}))
+'''
+
+
+def test_a_failed_load_leaves_nothing_registered_and_a_retry_loads(tmp_path):
+    """The tab's bootstrap registers the backend only once it has loaded, and the backend's loader removes what it
+    registered when a file fails: after a failure nothing half-loaded is left, and the next load starts clean."""
+    root = tmp_path / "extension"
+    (root / "scripts").mkdir(parents=True)
+    for path in (ROOT / "scripts").glob("*.py"):
+        (root / "scripts" / path.name).write_text(path.read_text())
+    (root / "unlearn_core").symlink_to(ROOT / "unlearn_core", target_is_directory=True)
+    done = subprocess.run([sys.executable, "-c", FAILING, str(root)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["error"] == "broken sibling" and out["after_failure"] == []
+    assert out["after_retry"] == ["concept_unlearn_a1111_backend", "concept_unlearn_logic", "concept_unlearn_openclip"]
+    assert out["works"] == "unlearn_x"
