@@ -9,7 +9,7 @@ a small model of the same shape. Checked against (read, not imported):
 - A1111 extensions-builtin/Lora/lora_convert / networks.py: for SD2, kohya ``lora_te_text_model_encoder_layers_N_
   {mlp_fc1, mlp_fc2, self_attn_X_proj}`` -> ``model_transformer_resblocks_N_{mlp_c_fc, mlp_c_proj, attn_X_proj}``; the
   q/k/v/out names point at the MultiheadAttention, and q/k/v are merged into ``in_proj_weight`` only when all of
-  q, k, v and out are present.
+  q, k, v and out are present (tests/a1111_reference.py re-implements these rules to check our files against them).
 
 Routing: the engine adds deltas through forward hooks on ``backend.linear(target)``. Inside
 ``routed_attention(resblocks)`` each MultiheadAttention's forward is replaced (an instance attribute, removed
@@ -29,14 +29,6 @@ from torch import nn
 
 ATTENTION = ("q", "k", "v", "out")
 OPEN_CLIP_MLP = {"fc1": "mlp.c_fc", "fc2": "mlp.c_proj"}
-# canonical projection -> the part of A1111's network_layer_name after ``model_transformer_resblocks_N_``
-A1111_SUFFIX = {"q": "attn_q_proj", "k": "attn_k_proj", "v": "attn_v_proj", "out": "attn_out_proj",
-                "fc1": "mlp_c_fc", "fc2": "mlp_c_proj"}
-
-
-def a1111_layer_name(layer: int, proj: str) -> str:
-    """The name A1111's Lora extension gives this projection of an SD2 (open_clip) text encoder."""
-    return f"model_transformer_resblocks_{layer}_{A1111_SUFFIX[proj]}"
 
 
 def split_in_proj(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -45,10 +37,6 @@ def split_in_proj(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
         raise ValueError(f"in_proj has {weight.shape[0]} rows, not a multiple of 3")
     e = weight.shape[0] // 3
     return weight[:e], weight[e:2 * e], weight[2 * e:]
-
-
-def join_in_proj(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return torch.cat([q, k, v], dim=0)
 
 
 class _Slice(nn.Module):
@@ -191,49 +179,3 @@ def routed_attention(resblocks, splits: list[SplitAttention] | None = None) -> I
         for split in patched:
             split.attn.__dict__.pop("forward", None)
 
-
-def kohya_to_a1111(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """Group file tensors by the A1111 network-layer name each kohya key converts to (SD2 rules)."""
-    import re
-
-    pattern = re.compile(r"^lora_te_text_model_encoder_layers_(\d+)_(mlp_fc1|mlp_fc2|self_attn_(?:q|k|v|out)_proj)\.(.+)$")
-    suffix = {"mlp_fc1": "fc1", "mlp_fc2": "fc2", "self_attn_q_proj": "q", "self_attn_k_proj": "k",
-              "self_attn_v_proj": "v", "self_attn_out_proj": "out"}
-    grouped: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        m = pattern.match(key)
-        if not m:
-            raise ValueError(f"{key!r} is not a text-encoder LoRA key A1111 maps onto SD2's open_clip")
-        grouped.setdefault(a1111_layer_name(int(m.group(1)), suffix[m.group(2)]), {})[m.group(3)] = value
-    return grouped
-
-
-def merged_weights(resblocks, tensors: dict[str, torch.Tensor], strength: float = 1.0) -> dict[str, torch.Tensor]:
-    """What A1111's Lora extension writes into each open_clip weight for these kohya tensors.
-
-    Reproduces networks.network_apply_weights for a LoRA (lora_down/lora_up/alpha): up @ down * alpha / rank *
-    strength, the q/k/v updates concatenated into in_proj_weight when q, k, v and out are all present. Returns
-    new tensors keyed by parameter path (``N.attn.in_proj_weight``...); the model is not modified."""
-    grouped = kohya_to_a1111(tensors)
-    result = {}
-
-    def updown(name):
-        w = grouped[name]
-        down, up = w["lora_down.weight"].float(), w["lora_up.weight"].float()
-        alpha = float(w["alpha"]) if "alpha" in w else down.shape[0]
-        return (up @ down) * (alpha / down.shape[0]) * strength
-
-    for n, block in enumerate(resblocks):
-        names = {p: a1111_layer_name(n, p) for p in A1111_SUFFIX}
-        attn = attention_of(block)
-        present = [p for p in ATTENTION if names[p] in grouped]
-        if present and len(present) < 4:
-            raise ValueError(f"layer {n} has attention LoRA for {present} only; A1111 needs q, k, v and out together")
-        if present:
-            qkv = join_in_proj(*(updown(names[p]) for p in ("q", "k", "v")))
-            result[f"{n}.attn.in_proj_weight"] = attn.in_proj_weight.float() + qkv.to(attn.in_proj_weight.device)
-            result[f"{n}.attn.out_proj.weight"] = attn.out_proj.weight.float() + updown(names["out"])
-        for p, path in (("fc1", "mlp.c_fc"), ("fc2", "mlp.c_proj")):
-            if names[p] in grouped:
-                result[f"{n}.{path}.weight"] = mlp_linear(block, p).weight.float() + updown(names[p])
-    return result

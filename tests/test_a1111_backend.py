@@ -33,6 +33,7 @@ from unlearn_core.tiny import build_pipeline
 sys.path.insert(0, str(Path(__file__).parent))
 from ldm_format import text_encoder_to_ldm  # noqa: E402
 from test_a1111_openclip import TextCLIP, encode_with_transformer  # noqa: E402
+import a1111_reference as ref  # noqa: E402
 
 _PATH = Path(__file__).resolve().parents[1] / "scripts" / "concept_unlearn_a1111_backend.py"
 _spec = importlib.util.spec_from_file_location("concept_unlearn_a1111_backend", _PATH)
@@ -160,8 +161,8 @@ def test_erase_runs_for_real_and_leaves_the_model_bit_identical(sd_model, tokeni
     assert loaded.metadata["ss_network_module"] == "networks.lora" and loaded.metadata["ss_v2"] == "True"
     from safetensors import safe_open
     with safe_open(str(path), framework="pt") as f:  # every key converts to an A1111 SD2 module name
-        assert set(oc.kohya_to_a1111({k: f.get_tensor(k) for k in f.keys()})) == {
-            oc.a1111_layer_name(t.layer, t.proj) for t in result.deltas.targets}
+        assert set(ref.kohya_to_a1111({k: f.get_tensor(k) for k in f.keys()})) == {
+            ref.a1111_layer_name(t.layer, t.proj) for t in result.deltas.targets}
 
 
 def test_trained_adapter_applied_a1111_style_gives_the_engine_conditioning(sd_model, tokenizer):
@@ -175,7 +176,7 @@ def test_trained_adapter_applied_a1111_style_gives_the_engine_conditioning(sd_mo
             engine = b.encode_ids(ids)
         base = sd_model.cond_stage_model.encode_with_transformer(ids)
         blocks = sd_model.cond_stage_model.model.transformer.resblocks
-        merged = oc.merged_weights(blocks, result.deltas.to_kohya(torch.float32))
+        merged = ref.merged_weights(blocks, result.deltas.to_kohya(torch.float32))
         snap = snapshot(sd_model)
         params = dict(blocks.named_parameters())
         for name, value in merged.items():

@@ -6,14 +6,15 @@ model below rebuilds the parts A1111's SD2 conditioning runs through, as read fr
 from CLIP.build_attention_mask) and from A1111's FrozenOpenCLIPEmbedder.encode_with_transformer
 (repositories/stable-diffusion-stability-ai ldm/modules/encoders/modules.py: token embedding + positions,
 NLD -> LND, resblocks up to len - layer_idx (penultimate: 1), LND -> NLD, ln_final).
-The expected LoRA merge follows A1111's extensions-builtin/Lora networks.py (network_apply_weights): q/k/v
-up@down*alpha/rank concatenated into in_proj_weight, out into out_proj.weight, c_fc / c_proj directly; the key
-conversion follows networks.convert_diffusers_name_to_compvis (SD2 branch) and re_x_proj.
+The expected LoRA merge and key names are A1111's extensions-builtin/Lora networks.py rules as re-implemented in
+tests/a1111_reference.py (network_apply_weights: q/k/v up@down*alpha/rank concatenated into in_proj_weight, out into
+out_proj.weight, c_fc / c_proj directly; convert_diffusers_name_to_compvis (SD2 branch) and re_x_proj).
 """
 from __future__ import annotations
 
 import importlib.util
 import re
+import sys
 from collections import OrderedDict
 from pathlib import Path
 
@@ -24,6 +25,9 @@ from torch import nn
 
 from unlearn_core.lora import Deltas
 from unlearn_core.targets import Target, resolve_targets
+
+sys.path.insert(0, str(Path(__file__).parent))
+import a1111_reference as ref  # noqa: E402
 
 _PATH = Path(__file__).resolve().parents[1] / "scripts" / "concept_unlearn_openclip.py"
 _spec = importlib.util.spec_from_file_location("concept_unlearn_openclip", _PATH)
@@ -125,8 +129,8 @@ def test_split_and_join_in_proj_exactly(model):
     w = model.transformer.resblocks[0].attn.in_proj_weight
     q, k, v = oc.split_in_proj(w)
     assert q.data_ptr() == w.data_ptr() and q.shape == (32, 32)  # views, no copy
-    assert torch.equal(oc.join_in_proj(q, k, v), w)
-    assert torch.equal(oc.join_in_proj(*oc.split_in_proj(model.transformer.resblocks[0].attn.in_proj_bias)),
+    assert torch.equal(ref.join_in_proj(q, k, v), w)
+    assert torch.equal(ref.join_in_proj(*oc.split_in_proj(model.transformer.resblocks[0].attn.in_proj_bias)),
                        model.transformer.resblocks[0].attn.in_proj_bias)
     with pytest.raises(ValueError, match="multiple of 3"):
         oc.split_in_proj(torch.zeros(4, 2))
@@ -201,7 +205,7 @@ def test_a1111_names_exist_in_the_open_clip_module_tree(model):
     re_x_proj = re.compile(r"(.*)_([qkv]_proj)$")
     targets = resolve_targets("all", num_layers=3)
     for t in targets:
-        name = oc.a1111_layer_name(t.layer, t.proj)
+        name = ref.a1111_layer_name(t.layer, t.proj)
         module = mapping.get(name)
         if module is None and re_x_proj.match(name):
             module = mapping.get(re_x_proj.match(name).group(1))
@@ -209,10 +213,10 @@ def test_a1111_names_exist_in_the_open_clip_module_tree(model):
         expected = {"fc1": block.mlp.c_fc, "fc2": block.mlp.c_proj, "out": block.attn.out_proj}.get(t.proj, block.attn)
         assert module is expected, (t, name)
     # kohya key -> A1111 name, exactly as convert_diffusers_name_to_compvis (SD2) builds it
-    assert oc.a1111_layer_name(5, "fc1") == "model_transformer_resblocks_5_mlp_c_fc"
-    assert oc.a1111_layer_name(22, "q") == "model_transformer_resblocks_22_attn_q_proj"
+    assert ref.a1111_layer_name(5, "fc1") == "model_transformer_resblocks_5_mlp_c_fc"
+    assert ref.a1111_layer_name(22, "q") == "model_transformer_resblocks_22_attn_q_proj"
     assert Target(22, "q").kohya_name.replace("lora_te_text_model_encoder_layers_", "model_transformer_resblocks_") \
-        .replace("self_attn", "attn") == oc.a1111_layer_name(22, "q")
+        .replace("self_attn", "attn") == ref.a1111_layer_name(22, "q")
 
 
 def test_hooked_deltas_equal_a1111_style_merged_weights(model):
@@ -228,7 +232,7 @@ def test_hooked_deltas_equal_a1111_style_merged_weights(model):
         base = encode_with_transformer(model, x)
         with oc.routed_attention(model.transformer.resblocks) as splits, deltas.inject(linear_for(splits, model)):
             hooked = encode_with_transformer(model, x)
-        merged = oc.merged_weights(model.transformer.resblocks, deltas.to_kohya(torch.float32), strength=1.0)
+        merged = ref.merged_weights(model.transformer.resblocks, deltas.to_kohya(torch.float32), strength=1.0)
         assert set(merged) == {f"{n}.mlp.c_fc.weight" for n in range(3)} | {f"{n}.mlp.c_proj.weight" for n in range(3)} \
             | {"2.attn.in_proj_weight", "2.attn.out_proj.weight"}
         snap = snapshot(model)
@@ -244,9 +248,9 @@ def test_hooked_deltas_equal_a1111_style_merged_weights(model):
 def test_incomplete_attention_is_refused(model):
     deltas = Deltas({Target(0, "q"): (32, 32)}, rank=2)
     with pytest.raises(ValueError, match="q, k, v and out together"):
-        oc.merged_weights(model.transformer.resblocks, deltas.to_kohya(torch.float32))
+        ref.merged_weights(model.transformer.resblocks, deltas.to_kohya(torch.float32))
     with pytest.raises(ValueError, match="not a text-encoder LoRA key"):
-        oc.kohya_to_a1111({"lora_unet_x.lora_down.weight": torch.zeros(1)})
+        ref.kohya_to_a1111({"lora_unet_x.lora_down.weight": torch.zeros(1)})
 
 
 OPEN_CLIP = __import__("os").environ.get("CONCEPT_UNLEARN_OPEN_CLIP")
@@ -258,7 +262,6 @@ needs_open_clip = pytest.mark.skipif(not OPEN_CLIP, reason="set CONCEPT_UNLEARN_
 def real_open_clip(monkeypatch):
     """open_clip's own transformer.py and tokenizer.py, loaded from its files. Its package __init__ imports
     torchvision (absent or built for another torch in test venvs), needed only by its vision utils: stubbed."""
-    import sys
     import types
 
     import transformers  # noqa: F401  (imported first: it probes torchvision's module spec, which the stub lacks)
@@ -311,13 +314,9 @@ def test_real_open_clip_text_tower_with_clip_text_model_weights_gives_diffusers_
     SD2 text encoder (a CLIPTextModel without the skipped last layer), routed or not; and open_clip's tokenizer
     gives the ids of SD2's CLIPTokenizer (pad id 0), which the tests' tokenizer stand-ins use. Needs transformers,
     not diffusers, so it also runs in a venv with A1111's pins."""
-    import sys
-
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from unlearn_core.diffusers_backend import CONFIG_DIR
-
-    sys.path.insert(0, str(Path(__file__).parent))
     from ldm_format import text_encoder_to_ldm
 
     transformer, tokenizer = real_open_clip
