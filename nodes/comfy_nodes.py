@@ -108,7 +108,7 @@ class UnlearnConceptLoRA:
                 "method": (list(METHODS), {"default": "weighted", "tooltip": "weighted: images + anchor; anchor: no "
                                            "images needed; fewshot: gradient ascent on the images; fewshot-paper: "
                                            "Fuchi & Takagi's settings (10 steps, lr 1e-5, full weights, no preserve "
-                                           "term; steps and learning_rate are ignored, the full delta is saved as a "
+                                           "term; targets, steps and learning_rate are ignored, the full delta is saved as a "
                                            "LoRA of the chosen rank by SVD)"}),
                 "kind": (["object", "style"],),
                 "targets": (list(PRESETS), {"default": "fewshot"}),
@@ -135,9 +135,9 @@ class UnlearnConceptLoRA:
         preserve_prompts = host.split_lines(preserve) + ("",)
         common = dict(synonyms=host.split_list(synonyms), kind=kind, anchor=anchor.strip() or "a photo",
                       seed=seed, preserve=preserve_prompts, gradient_surgery=bool(gradient_surgery))
-        if method == "fewshot-paper":  # the published steps and learning rate; the rank sets the SVD compression
+        if method == "fewshot-paper":  # the published layers, steps and learning rate; rank = the SVD compression
             return EraseConfig.fewshot_paper(concept.strip(), **{**common, "lora": LoraConfig(
-                preset=targets, mode="full", compress_rank=rank)})
+                preset="fewshot", mode="full", compress_rank=rank)})
         return EraseConfig(concept=concept.strip(), method=method, lr=learning_rate, steps=steps,
                            lora=LoraConfig(preset=targets, rank=rank), **common)
 

@@ -211,11 +211,11 @@ def erase_config(host: Host, concept: str, synonyms: str, method_label: str, pre
     if prompts:
         common["preserve"] = prompts + ("",)
     if method == "fewshot-paper":
-        # the paper's steps and lr stand (the Steps slider is not used); its full-weight deltas are compressed to
-        # the Rank slider's rank by SVD, for a small file
+        # the paper's layers, steps and lr stand (the Layers and Steps inputs are not used); its full-weight deltas
+        # are compressed to the Rank slider's rank by SVD, for a small file
         del common["steps"]
         return EraseConfig.fewshot_paper((concept or "").strip(), **common,
-                                         lora=LoraConfig(preset=preset, mode="full", compress_rank=int(rank)))
+                                         lora=LoraConfig(preset="fewshot", mode="full", compress_rank=int(rank)))
     extra = {"lr": host.lr} if host.lr else {}
     return EraseConfig(concept=(concept or "").strip(), method=method, lora=LoraConfig(preset=preset, rank=int(rank)),
                        **common, **extra)
@@ -246,7 +246,7 @@ def do_erase(host: Host, images, concept: str, synonyms: str, token: str, method
     if getattr(result, "notes", None):
         info["notes"] = result.notes
     write_adapter(path, result.deltas, base_fingerprint(backend), info, overwrite=host.overwrite)
-    paper = (f" Paper settings: {config.steps} steps at lr {config.lr:g} (the Steps slider is not used); the full-"
+    paper = (f" Paper settings: {config.steps} steps at lr {config.lr:g} (the Layers and Steps inputs are not used); the full-"
              f"weight deltas were saved as a rank-{config.lora.compress_rank} LoRA by SVD (the Rank slider)."
              if METHODS.get(method_label, method_label) == "fewshot-paper" else "")
     return (f"Saved {path.name} ({result.seconds:.0f} s): use <lora:{stem}:1> in a prompt (refresh the Lora tab)."

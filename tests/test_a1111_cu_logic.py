@@ -90,8 +90,8 @@ def test_method_labels_map_to_engine_configs():
     paper = logic.erase_config(host, "cat", "kitty", paper_label, "All layers", 60, 8, 1)
     preset = __import__("unlearn_core").EraseConfig.fewshot_paper("cat")
     assert (paper.method, paper.lr, paper.betas, paper.preserve_weight) == ("fewshot", 1e-5, (0.9, 0.98), 0.0)
-    # the paper's steps stand whatever the Steps slider says; the full deltas are saved at the Rank slider's rank
-    assert (paper.lora.mode, paper.lora.compress_rank, paper.lora.preset, paper.steps) == ("full", 8, "all", 10)
+    # the paper's layers and steps stand whatever the inputs say; the full deltas are saved at the Rank slider's rank
+    assert (paper.lora.mode, paper.lora.compress_rank, paper.lora.preset, paper.steps) == ("full", 8, "fewshot", 10)
     assert paper.steps == preset.steps and "10 steps" in paper_label and "rank-R LoRA by SVD" in paper_label
     weighted = logic.erase_config(host, " cat ", "", "Weighted (images + anchor)", "Last layer", 5, 2, 0,
                                   kind="style", anchor="", preserve="a dog, a tree")
@@ -122,7 +122,7 @@ def test_paper_settings_run_their_own_steps_and_say_how_the_file_is_saved(host, 
     label = next(label for label, method in logic.METHODS.items() if method == "fewshot-paper")
     message, path, _ = logic.do_erase(host, files, "cat", "", "", label, "Last layer", 60, 2, 0, name="paper")
     assert message.startswith("Saved unlearn_paper.safetensors"), message
-    assert "Paper settings: 10 steps at lr 1e-05 (the Steps slider is not used)" in message
+    assert "Paper settings: 10 steps at lr 1e-05 (the Layers and Steps inputs are not used)" in message
     assert "saved as a rank-2 LoRA by SVD" in message and host.state.sampling_steps == 10
     with safe_open(path, framework="pt") as f:
         assert {f.get_tensor(k).shape[0] for k in f.keys() if k.endswith("lora_down.weight")} == {2}

@@ -94,15 +94,16 @@ def test_node_declarations(pack, name):
 def test_method_presets_build_valid_engine_configs(pack):
     nodes = sub("nodes.comfy_nodes")
     for method in nodes.METHODS:
-        config = nodes.UnlearnConceptLoRA.config("a red star", "red star, star shape", method, "object", "fewshot",
+        config = nodes.UnlearnConceptLoRA.config("a red star", "red star, star shape", method, "object", "all",
                                                  60, 4, 1e-3, "a photo", "a dog\n\na cat", 0)
         assert config.synonyms == ("red star", "star shape")
         assert config.preserve == ("a dog", "a cat", "")
         if method == "fewshot-paper":  # the published settings, whatever the sliders say; rank = SVD compression
-            assert config.lora.mode == "full" and config.lora.compress_rank == 4
+            assert (config.lora.mode, config.lora.compress_rank, config.lora.preset) == ("full", 4, "fewshot")
             assert (config.lr, config.steps, config.preserve_weight) == (1e-5, 10, 0.0)
         else:
             assert config.method == method and config.lora.rank == 4 and config.steps == 60
+            assert config.lora.preset == "all"
     surgery = nodes.UnlearnConceptLoRA.config("a red star", "", "weighted", "object", "final", 10, 4, 1e-3, "a photo",
                                               "", 0, True)
     assert surgery.gradient_surgery and surgery.lora.preset == "final"
