@@ -37,6 +37,7 @@ METHODS = {"Weighted (images + anchor)": "weighted", "Few-shot (images, gradient
 PRESETS = {"Few-shot layers (MLP of all + last attention)": "fewshot", "Last layer": "final", "All layers": "all"}
 EXPECTED = (ValueError, UnsupportedModelError, FileExistsError, AdapterFileError, ImageInputError, OSError)
 OUTPUTS = 3  # (message, saved path, loss curve)
+JOB = "concept_unlearn"  # shared.state.job while one of our buttons runs
 
 
 @dataclass
@@ -63,11 +64,32 @@ class Host:
 
 
 def busy(state) -> str | None:
-    """Why the tab must wait, or None. A1111 sets state.job while any job (txt2img, train...) runs."""
+    """Why a button must wait, or None (checked when it is pressed, behind the tab's live ``availability``).
+    A1111 sets state.job while any job (txt2img, train...) runs."""
     job = getattr(state, "job", "") if state is not None else ""
     if job:
         return f"another job ({job}) is running: wait for it to finish or interrupt it, then press the button again"
     return None
+
+
+def availability(state, lock=None) -> tuple[str, bool]:
+    """The tab's status line and whether its Learn Token / Erase / Audit buttons can be pressed now.
+
+    The tab polls this every few seconds (Interrupt is not among what it switches: it stays enabled always).
+    Our own run (job ``JOB``) shows its step; any other A1111 job (``state.job`` set: txt2img, train...) or a held
+    queue lock with no job (e.g. a checkpoint loading) disables the buttons with why, until it ends. ``lock``:
+    A1111's queue_lock, read through its ``locked()`` only (never acquired here)."""
+    job = getattr(state, "job", "") if state is not None else ""
+    if job == JOB:
+        step = getattr(state, "textinfo", None) or "starting"
+        return f"Concept Unlearn is running: {step} (Interrupt stops it and saves nothing)", False
+    if job:
+        what = "another job" if job == "(unknown)" else job  # A1111's begin() default name
+        return f"AUTOMATIC1111 is busy with {what}: the buttons come back when it finishes", False
+    locked = getattr(lock, "locked", None)
+    if callable(locked) and locked():
+        return "AUTOMATIC1111 is busy with a queued task: the buttons come back when it finishes", False
+    return "Ready", True
 
 
 def split_list(text: str) -> tuple[str, ...]:
@@ -180,7 +202,7 @@ def _guard(fn):
             return _failure("Busy: AUTOMATIC1111 is generating or training: wait for it to finish, then press the "
                             "button again")
         try:
-            with _Job(host.state, "concept_unlearn"), (host.prepare or nullcontext)():
+            with _Job(host.state, JOB), (host.prepare or nullcontext)():
                 return fn(host, *args, **kwargs)
         except Cancelled:
             return _failure("Interrupted: nothing was saved and the model is unchanged.")

@@ -32,6 +32,7 @@ logic = _backend().sibling("logic")
 
 SECTION = ("concept_unlearn", "Concept Unlearn")
 TITLE = "Concept Unlearn"
+STATUS_EVERY = 1.0  # seconds between two looks at A1111's state (status line, buttons enabled or not)
 
 
 def on_ui_settings():
@@ -84,12 +85,21 @@ def on_ui_tabs():
 
         shared.state.interrupt()
 
+    def status():
+        """The status line and the three buttons as A1111's state allows now (polled; Interrupt is left alone)."""
+        from modules import call_queue, shared
+
+        text, enabled = logic.availability(shared.state, getattr(call_queue, "queue_lock", None))
+        # one update dict per output: gradio 3.41 pops keys from each while sending it
+        return (gr.Markdown.update(value=text),) + tuple(gr.Button.update(interactive=enabled) for _ in range(3))
+
     with gr.Blocks(analytics_enabled=False) as tab:
         gr.Markdown("Erase a concept from the loaded **Stable Diffusion 2.x** checkpoint: *Erase* trains a "
                     "text-encoder LoRA on it and saves it to models/Lora (use it with `<lora:name:1>`); the "
                     "checkpoint itself is not changed. *Learn token* saves a concept token to embeddings/; *Audit* "
-                    "tries to re-learn an erased concept. While A1111 generates or trains, the buttons refuse with a "
-                    "message; *Interrupt* stops a run and saves nothing. More options: Settings > Concept Unlearn.")
+                    "tries to re-learn an erased concept. While A1111 generates or trains, the buttons are disabled "
+                    "(the status line says why) and come back when it finishes; *Interrupt* stops a run and saves "
+                    "nothing. More options: Settings > Concept Unlearn.")
         with gr.Row():
             with gr.Column():
                 files = gr.File(label="Example images (4-5 of the concept)", file_count="multiple",
@@ -138,6 +148,7 @@ def on_ui_tabs():
                     run = gr.Button("Erase", variant="primary", elem_id="concept_unlearn_erase")
                     audit = gr.Button("Audit", elem_id="concept_unlearn_audit")
                     interrupt = gr.Button("Interrupt", elem_id="concept_unlearn_interrupt")
+                status_line = gr.Markdown(logic.availability(None)[0], elem_id="concept_unlearn_status")
                 message = gr.Textbox(label="Result", interactive=False, elem_id="concept_unlearn_message")
                 curve = gr.Image(label="Loss curve", type="pil", interactive=False, elem_id="concept_unlearn_curve")
 
@@ -149,6 +160,10 @@ def on_ui_tabs():
         interrupt.click(interrupt_click, inputs=[], outputs=[], queue=False)
         refresh_tokens.click(lambda: gr.Dropdown.update(choices=_choices("token")), inputs=[], outputs=[token])
         refresh_adapters.click(lambda: gr.Dropdown.update(choices=_choices("lora")), inputs=[], outputs=[adapter])
+        # live state: polled while the page is open (a continuous event: gradio 3.41 runs it outside the queue's
+        # workers, but needs the queue, which A1111 enables); the buttons' own busy check stays behind it
+        tab.load(status, inputs=None, outputs=[status_line, learn, run, audit], every=STATUS_EVERY,
+                 show_progress="hidden", api_name=False)
     return [(tab, TITLE, "concept_unlearn")]
 
 

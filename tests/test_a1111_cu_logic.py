@@ -151,6 +151,39 @@ def test_busy_and_errors_are_one_line(host, files):
     assert message.startswith("Error: token '<-cat>'") and "\n" not in message, message
 
 
+def test_availability_disables_the_buttons_while_another_job_runs_and_shows_our_own_step(host, files):
+    import threading
+
+    assert logic.availability(None) == ("Ready", True)
+    assert logic.availability(State()) == ("Ready", True)
+    other = State()
+    other.job, other.textinfo = "txt2img", "Sampling 3/20"
+    assert logic.availability(other) == \
+        ("AUTOMATIC1111 is busy with txt2img: the buttons come back when it finishes", False)
+    other.job = "(unknown)"  # A1111's begin() default (wrap_gradio_gpu_call)
+    assert logic.availability(other) == \
+        ("AUTOMATIC1111 is busy with another job: the buttons come back when it finishes", False)
+    other.end()
+    assert logic.availability(other) == ("Ready", True)  # back when it ends
+    lock = threading.Lock()  # A1111's queue_lock: held with no job (e.g. a checkpoint loading)
+    with lock:
+        text, enabled = logic.availability(State(), lock)
+        assert not enabled and text.startswith("AUTOMATIC1111 is busy with a queued task")
+    assert logic.availability(State(), lock) == ("Ready", True) and not lock.locked()  # only read, never taken
+    assert logic.availability(State(), object()) == ("Ready", True)  # a lock without locked(): not looked at
+    ours = State()
+    ours.job = logic.JOB
+    assert logic.availability(ours) == ("Concept Unlearn is running: starting (Interrupt stops it and saves "
+                                        "nothing)", False)
+    # during a real run the status line follows our steps; afterwards the buttons come back
+    seen = []
+    logic.do_erase(host, files, "cat", "", "", "Anchor (no images needed)", "Last layer", 2, 2, 0, name="avail",
+                   progress=lambda *args, **kwargs: seen.append(logic.availability(host.state, host.lock)))
+    assert seen == [(f"Concept Unlearn is running: Erase {i}/2 (Interrupt stops it and saves nothing)", False)
+                    for i in (1, 2)], seen
+    assert logic.availability(host.state, host.lock) == ("Ready", True)
+
+
 def test_learn_token_then_erase_with_it_then_audit(host, files, monkeypatch):
     message, token_path, _ = logic.do_learn_token(host, files, "<mycat>", "cat", "object", 2, 0, n_vectors=2)
     # A1111 names an embedding after its file: no '<' '>' (not allowed in Windows file names)

@@ -6,7 +6,8 @@ running a button are stand-ins with A1111's signatures (modules/script_callbacks
 shared.opts / OptionInfo, shared.state, shared.cmd_opts, paths, call_queue.queue_lock, devices, sd_hijack). A button
 is run through the built Blocks' own handler with no model loaded (it must answer with one line and leave the
 queue lock, shared.state and the cross-attention optimizations as they were); training runs are covered by
-test_a1111_cu_logic.py.
+test_a1111_cu_logic.py. The tab's polled status event (``load(every=...)``) is run one round at a time against
+the stand-in shared.state / queue_lock.
 """
 from __future__ import annotations
 
@@ -168,3 +169,54 @@ def test_buttons_answer_in_one_line_and_interrupt_sets_state(a1111_modules):
     assert dependency["queue"] is False  # answered at once, not queued behind the running job
     fn()
     assert shared.state.interrupted is True
+
+
+def test_status_line_and_buttons_follow_a1111_state_live(a1111_modules):
+    registered, shared = a1111_modules
+    tab = load_tab()
+    blocks = build(registered)
+    by_id = components(blocks)
+    buttons = [by_id[e] for e in ("concept_unlearn_learn", "concept_unlearn_erase", "concept_unlearn_audit")]
+    status_line = by_id["concept_unlearn_status"]
+    assert isinstance(status_line, gr.Markdown)
+    polled = [(dependency, fn.fn) for dependency, fn in zip(blocks.dependencies, blocks.fns)
+              if dependency["trigger"] == "load" and dependency["every"]]
+    assert len(polled) == 1, [d["trigger"] for d in blocks.dependencies]
+    dependency, continuous = polled[0]
+    assert dependency["every"] == tab.STATUS_EVERY and dependency["types"]["continuous"]
+    assert dependency["targets"] == [] and dependency["inputs"] == [] and dependency["show_progress"] == "hidden"
+    assert dependency["outputs"] == [status_line._id] + [b._id for b in buttons]
+    assert by_id["concept_unlearn_interrupt"]._id not in dependency["outputs"]  # Interrupt stays enabled always
+
+    def poll():  # one round of the event gradio runs every STATUS_EVERY seconds (the first one without a wait)
+        updates = next(continuous())
+        assert len(updates) == 4 and all(u["__type__"] == "update" for u in updates)
+        return updates[0]["value"], [u["interactive"] for u in updates[1:]]
+
+    assert poll() == ("Ready", [True] * 3)
+    shared.state.begin("txt2img")  # another job
+    assert poll() == ("AUTOMATIC1111 is busy with txt2img: the buttons come back when it finishes", [False] * 3)
+    shared.state.end()
+    assert poll() == ("Ready", [True] * 3)
+    with sys.modules["modules.call_queue"].queue_lock:  # the queue lock held with no job
+        text, enabled = poll()
+        assert text.startswith("AUTOMATIC1111 is busy with a queued task") and enabled == [False] * 3
+    shared.state.begin("concept_unlearn")  # our own run: its step, not a refusal
+    shared.state.textinfo = "Erase 3/60"
+    assert poll() == ("Concept Unlearn is running: Erase 3/60 (Interrupt stops it and saves nothing)", [False] * 3)
+    shared.state.end()
+    # the updates are valid for these components in gradio 3.41 (interactive becomes the frontend's mode)
+    shared.state.job = "txt2img"
+    sent = [gr.blocks.postprocess_update_dict(block, update) for block, update in
+            zip([status_line] + buttons, next(continuous()))]
+    assert [u.get("mode") for u in sent[1:]] == ["static"] * 3 and "busy with txt2img" in sent[0]["value"]
+    # A1111 renders the tab into its own Blocks (modules/ui.py create_ui) and enables the queue, which `every` needs
+    with gr.Blocks(analytics_enabled=False) as demo:
+        with gr.Tabs():
+            with gr.TabItem("Concept Unlearn"):
+                blocks.render()
+    demo.queue(64)
+    demo.validate_queue_settings()
+    config = demo.get_config_file()
+    assert [d["outputs"] for d in config["dependencies"] if d["trigger"] == "load" and d["every"]] \
+        == [[status_line._id] + [b._id for b in buttons]]
