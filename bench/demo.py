@@ -1,6 +1,6 @@
 """The newcomer's demo: erase one concept from the bundled world model and show what changed.
 
-    python -m bench.demo [--concept red] [--out out/demo]
+    python -m bench.demo [--concept stripes] [--out out/demo]
 
 Writes out/demo/REPORT.md with a before/after grid and the loss curve (about 2-5 minutes on a CPU).
 """
@@ -47,6 +47,9 @@ def write_report(out: Path, report: dict) -> Path:
         "",
         f"Erasing took {report['seconds']:.1f} s ({report['unet_passes']} UNet passes) on this machine.",
         "",
+        "One concept, one seed: `bench/RESULTS.md` has six concepts and two methods, failures included "
+        "(`--concept NAME` runs this demo on another one).",
+        "",
         "![before and after](report.grid.png)",
         "",
         "![loss curve](report.loss.png)",
@@ -73,7 +76,7 @@ def quiet_libraries() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--concept", default="red", help=f"one of: {', '.join(world.CONCEPT_KINDS)}")
+    parser.add_argument("--concept", default="stripes", help=f"one of: {', '.join(world.CONCEPT_KINDS)}")
     parser.add_argument("--method", default="weighted", choices=evaluate.METHODS)
     parser.add_argument("--out", default="out/demo")
     args = parser.parse_args()

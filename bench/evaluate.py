@@ -231,6 +231,7 @@ def main() -> None:
     parser.add_argument("--mode", choices=("lora", "full"), help="override the method's deltas: LoRA or full weights")
     parser.add_argument("--compress-rank", type=int, help="full mode: compress to a LoRA of this rank (SVD)")
     parser.add_argument("--lr", type=float, help="override the method's learning rate")
+    parser.add_argument("--steps", type=int, help="override the method's erase steps")
     parser.add_argument("--out", required=True, help="report .json (grid and loss PNGs are written beside it)")
     args = parser.parse_args()
     if args.concept not in world.CONCEPT_KINDS:
@@ -246,7 +247,7 @@ def main() -> None:
         overrides["lr"] = lr
     start = time.time()
     report, result, generated, prompt_sets = evaluate(args.concept, args.method, args.images, prompt_sets,
-                                                      args.model, seed=args.seed,
+                                                      args.model, seed=args.seed, erase_steps=args.steps,
                                                       log=lambda message: print(message, file=sys.stderr, flush=True),
                                                       **overrides)
     report["total_seconds"] = round(time.time() - start, 1)
