@@ -11,6 +11,12 @@ file sizes (SD2, fewshot targets = fc1/fc2 of 23 layers + attention of the last)
   --mode lora --rank 4       about 2 MB    (default; loads in ComfyUI, A1111 and diffusers)
   --mode full                about 400 MB  (kohya .diff keys: A1111 and ComfyUI load them, diffusers does not)
   --mode full --compress-rank 8   about 4 MB (full fine-tuning, then SVD to a LoRA every host loads)
+
+what they give on the benchmark world (bench/RESULTS.md, 60 steps, weighted): the default LoRA at lr 1e-3
+erased stripes; full-weight deltas at lr 1e-4 changed nothing, compressed or not (the SVD to rank 8 lost
+nothing measurable). --paper-settings changed nothing at its published lr 1e-5 on that small model; the
+same recipe at lr 1e-3 (about: --method fewshot --mode full --steps 10 --lr 1e-3 --preserve-weight 0)
+erased red.
 """
 
 
