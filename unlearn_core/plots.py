@@ -1,6 +1,8 @@
 """Pictures people would rather look at than read: loss curves and image grids (PIL only)."""
 from __future__ import annotations
 
+import textwrap
+
 from PIL import Image, ImageDraw
 
 _COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189))
@@ -44,7 +46,10 @@ def grid(rows: list[list[Image.Image]], row_labels: list[str] = (), column_label
         draw.text((label_width + c * cell + 4, 4), label, fill="black")
     for r, row in enumerate(rows):
         if r < len(row_labels):
-            draw.text((4, label_height + r * cell + cell // 2 - 6), row_labels[r][:34], fill="black")
+            lines = textwrap.wrap(row_labels[r], 34)[: max(1, cell // 14)]
+            top = label_height + r * cell + cell // 2 - 7 * len(lines)
+            for i, line in enumerate(lines):
+                draw.text((4, top + 14 * i), line, fill="black")
         for c, picture in enumerate(row):
             image.paste(picture.convert("RGB").resize((cell, cell), Image.NEAREST),
                         (label_width + c * cell, label_height + r * cell))
