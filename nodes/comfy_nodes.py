@@ -153,10 +153,7 @@ class UnlearnConceptLoRA:
                 token = ConceptToken(concept_token.name, concept_token.vectors.detach().clone().float())
             fingerprint = adapter_io.base_fingerprint(backend)
             result = erase(backend, config, examples, token, host.progress_callback(unique_id, "Unlearn Concept"))
-        info = result.info()
-        if result.notes:
-            info["notes"] = result.notes
-        adapter = ErasureAdapter(result.deltas, fingerprint, info)
+        adapter = ErasureAdapter(result.deltas, fingerprint, result.info())
         curve = host.pil_to_image(plots.loss_curve(result.history, f"erase {config.concept}"))
         per_step = result.seconds / max(1, len(result.history))
         return _ui((adapter, curve), kind="adapter", seconds_per_step=round(per_step, 3), **adapter.summary())

@@ -264,10 +264,7 @@ def do_erase(host: Host, images, concept: str, synonyms: str, token: str, method
     with backend.session():
         result = erase(backend, config, images=pictures, token=concept_token,
                        callback=callback_for(host.state, progress, "Erase"))
-    info = result.info()
-    if getattr(result, "notes", None):
-        info["notes"] = result.notes
-    write_adapter(path, result.deltas, base_fingerprint(backend), info, overwrite=host.overwrite)
+    write_adapter(path, result.deltas, base_fingerprint(backend), result.info(), overwrite=host.overwrite)
     paper = (f" Paper settings: {config.steps} steps at lr {config.lr:g} (the Layers and Steps inputs are not used); the full-"
              f"weight deltas were saved as a rank-{config.lora.compress_rank} LoRA by SVD (the Rank slider)."
              if METHODS.get(method_label, method_label) == "fewshot-paper" else "")

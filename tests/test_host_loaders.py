@@ -59,6 +59,7 @@ def test_full_mode_compressed_to_lora_loads_in_diffusers(backend, images, tiny_m
     fresh = load_pipeline(tiny_model_dir)
     fresh.load_lora_weights(str(path))
     adapter = read_adapter(path, backend)
+    assert "rank-32 LoRA by SVD" in adapter.info("notes")  # the file says how it was made
     with torch.no_grad(), adapter.deltas.inject(backend.linear):
         engine = encode(backend, ["a red square"])
     assert (_diffusers_conditioning(fresh, "a red square") - engine).abs().max() < 1e-4

@@ -41,7 +41,7 @@ class EraseResult:
             "gradient_surgery": c.gradient_surgery,
             "final_losses": self.history[-1] if self.history else {},
             "seconds": round(self.seconds, 2), "unet_passes": self.unet_passes,
-        }
+        } | ({"notes": list(self.notes)} if self.notes else {})
 
 
 def erase_subjects(config: EraseConfig, token: ConceptToken | None) -> list[str]:
