@@ -63,10 +63,14 @@ class Host:
                                            latent_size=self.resolution // 8)
 
 
+def _job_name(state) -> str:
+    return getattr(state, "job", "") if state is not None else ""
+
+
 def busy(state) -> str | None:
     """Why a button must wait, or None (checked when it is pressed, behind the tab's live ``availability``).
     A1111 sets state.job while any job (txt2img, train...) runs."""
-    job = getattr(state, "job", "") if state is not None else ""
+    job = _job_name(state)
     if job:
         return f"another job ({job}) is running: wait for it to finish or interrupt it, then press the button again"
     return None
@@ -79,7 +83,7 @@ def availability(state, lock=None) -> tuple[str, bool]:
     Our own run (job ``JOB``) shows its step; any other A1111 job (``state.job`` set: txt2img, train...) or a held
     queue lock with no job (e.g. a checkpoint loading) disables the buttons with why, until it ends. ``lock``:
     A1111's queue_lock, read through its ``locked()`` only (never acquired here)."""
-    job = getattr(state, "job", "") if state is not None else ""
+    job = _job_name(state)
     if job == JOB:
         step = getattr(state, "textinfo", None) or "starting"
         return f"Concept Unlearn is running: {step} (Interrupt stops it and saves nothing)", False
