@@ -185,17 +185,19 @@ def evaluate(concept: str, method: str, n_images: int, prompt_sets: dict, model_
     report["acc_erased"] = report.pop("acc_erase")
     report["acc_erased_before"] = report.pop("acc_erase_before")
 
-    log("re-learning attack: a fresh token on the erased model")
-    token_entries = attack_prompt_set(concept, len(prompt_sets["erase"]), token_name, seed)
-    token_images = generate(pipe, backend, [e["prompt"] for e in token_entries], seed, token=token,
+    def shows_concept(learned, deltas=None) -> float:
+        """Share of images of world captions with the concept written as the learned token that show it."""
+        entries = attack_prompt_set(concept, len(prompt_sets["erase"]), learned.name, seed)
+        pictures = generate(pipe, backend, [e["prompt"] for e in entries], seed, deltas=deltas, token=learned,
                             steps=sample_steps)
-    report["ti_token_clean"] = share(judge, token_images, token_entries)
+        return share(judge, pictures, entries)
+
+    log("re-learning attack: a fresh token on the erased model")
+    report["ti_token_clean"] = shows_concept(token)
+    result.deltas.requires_grad_(False)  # fixed during the attack: only the new token's vectors train
     with result.deltas.inject(backend.linear):
         attack = learn_token(backend, images, token_config("<attack>", seed + 1)).token
-    attack_entries = attack_prompt_set(concept, len(prompt_sets["erase"]), "<attack>", seed)
-    attack_images = generate(pipe, backend, [e["prompt"] for e in attack_entries], seed, deltas=result.deltas,
-                             token=attack, steps=sample_steps)
-    report["ti_attack_recovery"] = share(judge, attack_images, attack_entries)
+    report["ti_attack_recovery"] = shows_concept(attack, result.deltas)
     report["h_o"] = harmonic([1 - report["acc_erased"], report["acc_others"], 1 - report["acc_synonyms"]])
     report["seconds"] = round(result.seconds, 2)
     report["unet_passes"] = result.unet_passes
