@@ -36,7 +36,7 @@ def table(rows: list[dict]) -> str:
         if "error" in row:
             lines.append(f"| {row['concept']} | {row['method']} | failed: {row['error']} |")
             continue
-        cells = [f"{row[f]:.2f}" if isinstance(row.get(f), float) else str(row.get(f, "-")) for f in FIELDS]
+        cells = [f"{row[f]:.2f}" if isinstance(row[f], float) else str(row[f]) for f in FIELDS]
         lines.append(f"| {row['concept']} | {row['method']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

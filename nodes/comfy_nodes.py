@@ -65,9 +65,10 @@ class LearnConceptToken:
             seed, save_embedding, overwrite, unique_id=None):
         config = TokenConfig(token=token_name.strip(), n_vectors=vectors, init_word=init_word, kind=kind,
                              steps=steps, lr=learning_rate, seed=seed)
+        stem = token_file_stem(config.token)  # ComfyUI names an embedding after its file
         target = None
         if save_embedding:
-            target = host.models_folder("embeddings") / f"{token_file_stem(config.token)}.safetensors"
+            target = host.models_folder("embeddings") / f"{stem}.safetensors"
             if target.exists() and not overwrite:
                 raise FileExistsError(f"embedding {target.name} already exists: choose another token name or "
                                       "turn on overwrite")
@@ -83,7 +84,7 @@ class LearnConceptToken:
             saved = target.name
         curve = host.pil_to_image(plots.loss_curve(result.history, f"token {token.name}"))
         per_step = result.seconds / max(1, len(result.history))
-        return _ui((token, curve, f"embedding:{token_file_stem(token.name)}"), kind="token", token=token.name, vectors=token.n_vectors,
+        return _ui((token, curve, f"embedding:{stem}"), kind="token", token=token.name, vectors=token.n_vectors,
                    steps=len(result.history), seconds_per_step=round(per_step, 3), saved=saved,
                    final_loss=result.history[-1]["loss"] if result.history else None)
 
