@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from ldm_format import text_encoder_to_ldm  # noqa: E402
 from test_a1111_openclip import TextCLIP, encode_with_transformer  # noqa: E402
 import a1111_reference as ref  # noqa: E402
+from closeness import effect_error, relative_effect, relative_error  # noqa: E402
 
 _PATH = Path(__file__).resolve().parents[1] / "scripts" / "concept_unlearn_a1111_backend.py"
 _spec = importlib.util.spec_from_file_location("concept_unlearn_a1111_backend", _PATH)
@@ -183,8 +184,8 @@ def test_trained_adapter_applied_a1111_style_gives_the_engine_conditioning(sd_mo
             params[name].copy_(value)
         a1111 = sd_model.cond_stage_model.encode_with_transformer(ids)
         sd_model.load_state_dict(snap)
-    assert (engine - base).abs().max() > 1e-4
-    torch.testing.assert_close(engine, a1111, atol=1e-4, rtol=1e-3)
+    assert relative_effect(engine, base) > 1e-4  # the adapter does something
+    assert effect_error(a1111, engine, base) < 1e-3  # and merging it gives the effect the hooks give
 
 
 def test_interrupt_and_error_restore_everything(sd_model, tokenizer):
@@ -310,7 +311,7 @@ def test_conditioning_matches_diffusers_and_routing_changes_nothing(twin, tokeni
         ours = b.encode_ids(ids)
         with b.session():
             routed = b.encode_ids(ids)
-    assert (ours - hf).abs().max() < 1e-5
+    assert relative_error(ours, hf) < 1e-5
     assert torch.equal(routed, ours)
     assert b.num_layers == DiffusersBackend(pipe).num_layers == TWIN_LAYERS
     assert b.schedule.prediction_type == "v_prediction"
@@ -339,8 +340,16 @@ def test_adapter_made_in_a1111_is_the_cli_file_and_loads_in_diffusers(twin, tmp_
         assert all(fa.get_tensor(k).shape == fd.get_tensor(k).shape for k in fa.keys())
         assert set(fa.metadata()) == set(fd.metadata())
         assert fa.metadata()["ss_base_model_version"] == "sd_v2" and fa.metadata()["ss_v2"] == "True"
-    for t in ours.deltas.targets:  # same model, same seed: the same training up to float rounding
-        assert (ours.deltas.delta_weight(t) - theirs.deltas.delta_weight(t)).abs().max() < 1e-3
+    # same model, same seed: the same training up to float rounding. Rounding differs between CPUs' kernels (the
+    # twin computes attention with a fused in_proj, diffusers with three matrices) and Adam amplifies it a little
+    # every step (0.0012 max on an AMD EPYC), so it is measured against the size of all trained deltas together.
+    # Measured: 3e-6 with AVX-512 kernels, 3e-4 with AVX2 ones (ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2;
+    # largest element difference 0.0009); deltas 5 % off (a scale or learning-rate error) give 5e-2
+    def stacked(deltas, scale=1.0):
+        return torch.cat([scale * deltas.delta_weight(t).detach().flatten() for t in deltas.targets])
+    assert ours.deltas.targets == theirs.deltas.targets
+    assert relative_error(stacked(ours.deltas), stacked(theirs.deltas)) < 1e-2
+    assert relative_error(stacked(ours.deltas), stacked(theirs.deltas, scale=0.95)) > 1e-2  # a 5 % mismatch shows
     read_adapter(a, reference)  # the diffusers side accepts it as made for its base model
 
     ids = b.tokenize(["a photo of a red square"])
@@ -353,8 +362,8 @@ def test_adapter_made_in_a1111_is_the_cli_file_and_loads_in_diffusers(twin, tmp_
     fresh.load_lora_weights(str(a))
     with torch.no_grad():
         loaded = fresh.text_encoder(ids)[0]
-    assert (loaded - before).abs().max() > 1e-3
-    assert (loaded - engine).abs().max() < 1e-4
+    assert relative_effect(loaded, before) > 1e-3  # the adapter does something
+    assert effect_error(loaded, engine, before) < 1e-3  # and diffusers applies the effect the engine trained
 
 
 # ---------------------------------------------------------------------------- A1111's hijack, stood in for
@@ -423,5 +432,5 @@ def test_a1111_tokenizer_path_and_wrapped_embedding(sd_model_factory, tokenizer)
     start = init_vectors(b, "object", 1)
     with b.session():  # the vectors are spliced in (and get gradients) through the wrapped nn.Embedding
         result = learn_token(b, images(2), TokenConfig(token="<tok>", init_word="object", steps=2, lr=1e-2))
-    assert (result.token.vectors - start).abs().max() > 1e-4
+    assert relative_effect(result.token.vectors, start) > 1e-4
     assert_unchanged(model, snap)
