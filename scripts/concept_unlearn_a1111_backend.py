@@ -68,7 +68,7 @@ def sibling(name: str):
 
 
 load_unlearn_core()
-from unlearn_core.backend import NoiseSchedule, UnsupportedModelError  # noqa: E402
+from unlearn_core.backend import NoiseSchedule, UnsupportedModelError, encode_in_batches  # noqa: E402
 from unlearn_core.targets import Target  # noqa: E402
 
 oc = sibling("openclip")
@@ -206,6 +206,9 @@ class A1111Backend:
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        return encode_in_batches(self._encode_batch, images)
+
+    def _encode_batch(self, images: torch.Tensor) -> torch.Tensor:
         first = self.sd_model.first_stage_model
         param = next(first.parameters())
         x = (images.to(param.device, param.dtype) * 2 - 1)

@@ -103,6 +103,15 @@ class Backend(Protocol):
         """
 
 
+ENCODE_BATCH = 4  # images per VAE pass: the VAE's activations at 512 px take about 1 GB per image in float32
+
+
+def encode_in_batches(encode, images: torch.Tensor, batch_size: int = ENCODE_BATCH) -> torch.Tensor:
+    """``encode`` (images -> latents) applied ``batch_size`` images at a time, so memory does not grow with the
+    number of example images."""
+    return torch.cat([encode(images[start:start + batch_size]) for start in range(0, len(images), batch_size)])
+
+
 @contextmanager
 def frozen(module: nn.Module) -> Iterator[None]:
     """Turn off requires_grad on every parameter of module; restore the flags afterwards."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .backend import NoiseSchedule, UnsupportedModelError
+from .backend import NoiseSchedule, UnsupportedModelError, encode_in_batches
 from .targets import Target
 
 CONFIG_DIR = Path(__file__).parent / "sd2_config"
@@ -84,6 +84,9 @@ class DiffusersBackend:
         return self.text_encoder(ids.to(self.text_encoder.device))[0]
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        return encode_in_batches(self._encode_batch, images)
+
+    def _encode_batch(self, images: torch.Tensor) -> torch.Tensor:
         vae = self.pipe.vae
         pixels = (images * 2 - 1).to(vae.device, vae.dtype)
         return vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
@@ -132,6 +135,23 @@ def _load_ckpt_safely(path: Path) -> dict:
                          f"{str(error).splitlines()[0][:200]}); convert it to .safetensors")
 
 
+def _first_line(error: Exception) -> str:
+    return (str(error).splitlines() or [""])[0][:200]
+
+
+def _check_weight_files(folder: Path) -> None:
+    """Every component's .safetensors file must be complete (its header covers the file): name the one that is not."""
+    from safetensors import safe_open
+
+    for weights in sorted(folder.glob("*/*.safetensors")):
+        try:
+            with safe_open(str(weights), framework="pt"):
+                pass
+        except Exception as error:  # safetensors raises several types for damaged files
+            raise ModelLoadError(f"{weights.relative_to(folder)} in {folder} is damaged or truncated "
+                                 f"({_first_line(error)}): re-download or re-save the model") from None
+
+
 def load_pipeline(path, prediction_type: str | None = None, dtype: torch.dtype = torch.float32,
                   config_dir: str | Path = CONFIG_DIR):
     """A StableDiffusionPipeline from a diffusers folder or a single SD2 .safetensors/.ckpt file.
@@ -149,8 +169,13 @@ def load_pipeline(path, prediction_type: str | None = None, dtype: torch.dtype =
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise ModelLoadError(f"{path} is a folder without model_index.json: not a diffusers model folder")
-        pipe = StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True, torch_dtype=dtype,
-                                                       safety_checker=None, requires_safety_checker=False)
+        _check_weight_files(path)
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True, torch_dtype=dtype,
+                                                           safety_checker=None, requires_safety_checker=False)
+        except Exception as error:  # diffusers and transformers raise many types for damaged or incomplete folders
+            raise ModelLoadError(f"{path} does not load as a diffusers SD2 folder ({error.__class__.__name__}: "
+                                 f"{_first_line(error)}); re-download or re-save the model") from None
     elif path.suffix in (".safetensors", ".ckpt"):
         family = _single_file_family(path)
         if family != "sd2":
