@@ -5,11 +5,13 @@ Written atomically, never silently overwritten; read with safetensors only and v
 """
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
 import stat
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,12 +21,14 @@ from safetensors.torch import save_file
 from .backend import Backend
 from .lora import Deltas
 from .targets import ATTENTION, Target
-from .tokens import ConceptToken
+from .tokens import ConceptToken, check_token_is_not_a_word, check_token_name
 
 FORMAT_VERSION = "1"
 NAMESPACE = "concept_unlearn"
 _LORA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
 _FULL_SUFFIXES = ("diff",)
+# what hosts load and torch computes with everywhere (float8 has no isfinite, no CPU matmul in most torch builds)
+_STORED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class AdapterFileError(ValueError):
@@ -46,15 +50,27 @@ def base_fingerprint(backend: Backend) -> dict:
     return {"width": int(backend.width), "layers": int(backend.num_layers), "probe": [round(v, 6) for v in probe]}
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _well_formed_fingerprint(fingerprint) -> bool:
+    if not isinstance(fingerprint, dict):
+        return False
+    probe = fingerprint.get("probe", [])
+    sizes = [fingerprint.get(key, 0) for key in ("width", "layers")]
+    return isinstance(probe, list) and all(_is_number(v) for v in probe + sizes)
+
+
 def parse_fingerprint(raw: str | None, name: str = "file") -> dict | None:
     """The fingerprint recorded in a file's metadata (untrusted text), or None when there is none."""
     if not raw:
         return None
     try:
         fingerprint = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         fingerprint = None
-    if not isinstance(fingerprint, dict) or not isinstance(fingerprint.get("probe", []), list):
+    if not _well_formed_fingerprint(fingerprint):
         raise AdapterFileError(f"{name}: its base-model fingerprint metadata is damaged; "
                                "re-save the file or allow other bases (--force-base)")
     return fingerprint
@@ -69,12 +85,39 @@ def fingerprints_match(a: dict, b: dict) -> bool:
 
 # ---------------------------------------------------------------------------- writing
 
+def _exists_error(path: Path) -> FileExistsError:
+    return FileExistsError(f"{path} already exists: choose another name or pass overwrite (--force)")
+
+
+def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
+    """Move the finished temp file to ``path``. Without ``overwrite`` this never replaces a file, even one that
+    another run wrote a moment ago: a hard link fails on an existing target (an exclusive create where the file
+    system has no hard links)."""
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise _exists_error(path) from None
+    except OSError as error:
+        if error.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.EXDEV):
+            raise
+        try:  # no hard links here: claim the name exclusively, then fill it
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        except FileExistsError:
+            raise _exists_error(path) from None
+        os.replace(tmp, path)
+
+
 def atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str], overwrite: bool) -> Path:
     path = Path(path)
     if path.suffix != ".safetensors":
         raise AdapterFileError(f"{path}: the file name must end in .safetensors")
+    if path.is_dir():
+        raise AdapterFileError(f"{path} is a folder: give a file name ending in .safetensors")
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists: choose another name or pass overwrite (--force)")
+        raise _exists_error(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.stem}.{uuid.uuid4().hex}.tmp"
     # the usual mode for a new file (0666 less the umask), which save_file does not keep: model folders are
@@ -84,7 +127,7 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: di
     try:
         save_file(tensors, str(tmp), metadata=metadata)
         os.chmod(tmp, usual_mode)
-        os.replace(tmp, path)
+        _publish(tmp, path, overwrite)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -110,9 +153,21 @@ def adapter_metadata(deltas: Deltas, fingerprint: dict | None, info: dict) -> di
     return metadata
 
 
+def check_finite_as_written(tensors: dict[str, torch.Tensor], name: str) -> None:
+    """Refuse tensors that are not finite in the dtype they are stored in (float16 ends at 65504)."""
+    for key, tensor in tensors.items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise AdapterFileError(
+                f"{name}: {key} does not fit {str(tensor.dtype).removeprefix('torch.')} (inf or NaN): the training "
+                "diverged or its values are too large; lower the learning rate (--lr) or alpha, or use fewer steps. "
+                "Nothing was written")
+
+
 def write_adapter(path, deltas: Deltas, fingerprint: dict | None, info: dict | None = None,
                   overwrite: bool = False, dtype: torch.dtype = torch.float16) -> Path:
-    return atomic_save(deltas.to_kohya(dtype), path, adapter_metadata(deltas, fingerprint, info or {}), overwrite)
+    tensors = deltas.to_kohya(dtype)
+    check_finite_as_written(tensors, Path(path).name)
+    return atomic_save(tensors, path, adapter_metadata(deltas, fingerprint, info or {}), overwrite)
 
 
 def write_token(path, token: ConceptToken, fingerprint: dict | None = None, overwrite: bool = False) -> Path:
@@ -120,6 +175,7 @@ def write_token(path, token: ConceptToken, fingerprint: dict | None = None, over
     if fingerprint:
         metadata[f"{NAMESPACE}.base_fingerprint"] = json.dumps(fingerprint)
     vectors = token.vectors.detach().float().contiguous().cpu()
+    check_finite_as_written({"emb_params": vectors}, Path(path).name)
     return atomic_save({"emb_params": vectors}, path, metadata, overwrite)
 
 
@@ -142,6 +198,7 @@ def _read(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 class AdapterFile:
     deltas: Deltas
     metadata: dict[str, str]
+    notes: list[str] = field(default_factory=list)  # what a user should know (e.g. an unchecked base model)
 
     def info(self, key: str, default=None):
         return self.metadata.get(f"{NAMESPACE}.{key}", default)
@@ -164,8 +221,12 @@ def validate_adapter_tensors(tensors: dict[str, torch.Tensor], name: str = "adap
                                    "text-encoder LoRA keys (lora_te_text_model_encoder_layers_N_...)") from None
         if suffix not in _LORA_SUFFIXES + _FULL_SUFFIXES:
             raise AdapterFileError(f"{name}: unexpected key {key!r}")
-        if not torch.is_floating_point(tensor) or not bool(torch.isfinite(tensor).all()):
-            raise AdapterFileError(f"{name}: {key} is not a finite floating-point tensor")
+        if tensor.dtype not in _STORED_DTYPES:
+            raise AdapterFileError(f"{name}: {key} is stored as {str(tensor.dtype).removeprefix('torch.')}; "
+                                   "adapters hold float16, bfloat16 or float32 tensors: re-save it in one of those")
+        if not bool(torch.isfinite(tensor).all()):
+            raise AdapterFileError(f"{name}: {key} holds inf or NaN values: the file is damaged or its training "
+                                   "diverged; train it again with a lower learning rate")
         groups.setdefault(base, set()).add(suffix)
     kinds = {frozenset(s) for s in groups.values()}
     if kinds not in ({frozenset(_LORA_SUFFIXES)}, {frozenset(_FULL_SUFFIXES)}):
@@ -177,7 +238,8 @@ def validate_adapter_tensors(tensors: dict[str, torch.Tensor], name: str = "adap
                 raise AdapterFileError(f"{name}: {base}.diff must be a matrix")
             continue
         down, up = tensors[f"{base}.lora_down.weight"], tensors[f"{base}.lora_up.weight"]
-        if down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1] or tensors[f"{base}.alpha"].numel() != 1:
+        if (down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1] or down.shape[0] < 1
+                or tensors[f"{base}.alpha"].numel() != 1):
             raise AdapterFileError(f"{name}: {base} has inconsistent LoRA shapes {tuple(down.shape)} / {tuple(up.shape)}")
         ranks.add(down.shape[0])
     layers = {Target.from_kohya(b).layer for b in groups}
@@ -190,8 +252,13 @@ def validate_adapter_tensors(tensors: dict[str, torch.Tensor], name: str = "adap
         raise AdapterFileError(f"{name}: mixed LoRA ranks {sorted(ranks)} are not supported")
 
 
+NO_FINGERPRINT_NOTE = ("{name} records no base-model fingerprint, so whether it was made for this model cannot be "
+                       "checked: use it only with the model it was trained on")
+
+
 def check_against_backend(deltas: Deltas, metadata: dict[str, str], backend: Backend, name: str,
-                          allow_other_base: bool) -> None:
+                          allow_other_base: bool) -> list[str]:
+    """Refuse an adapter that does not fit the model; return notes (e.g. that the base could not be checked)."""
     for t in deltas.targets:
         if t.layer >= backend.num_layers:
             raise AdapterFileError(f"{name} adapts layer {t.layer}, but this model's conditioning uses layers "
@@ -201,11 +268,19 @@ def check_against_backend(deltas: Deltas, metadata: dict[str, str], backend: Bac
             raise AdapterFileError(f"{name}: {t} has shape {deltas.shapes[t]}, this model's is {expected}: "
                                    "the adapter was made for another model")
     if allow_other_base:
-        return
+        return []
     recorded = parse_fingerprint(metadata.get(f"{NAMESPACE}.base_fingerprint"), name)
-    if recorded is not None and not fingerprints_match(recorded, base_fingerprint(backend)):
+    if recorded is None:
+        return [NO_FINGERPRINT_NOTE.format(name=name)]
+    if not fingerprints_match(recorded, base_fingerprint(backend)):
         raise AdapterFileError(f"{name} was made for another base model (its text-encoder fingerprint differs); "
                                "use it with the model it was made for, or allow other bases (--force-base)")
+    return []
+
+
+def _check_marked_for_sd2(metadata: dict[str, str], name: str) -> None:
+    if metadata.get("ss_v2", "True") not in ("True", "true") or metadata.get("ss_base_model_version", "sd_v2") not in ("sd_v2", "sd_2.1", "sd_2.0"):
+        raise AdapterFileError(f"{name} is marked for {metadata.get('ss_base_model_version')}, not Stable Diffusion 2.x")
 
 
 def read_adapter(path, backend: Backend | None = None, allow_other_base: bool = False) -> AdapterFile:
@@ -213,12 +288,10 @@ def read_adapter(path, backend: Backend | None = None, allow_other_base: bool = 
     tensors, metadata = _read(path)
     name = Path(path).name
     validate_adapter_tensors(tensors, name)
-    if metadata.get("ss_v2", "True") not in ("True", "true") or metadata.get("ss_base_model_version", "sd_v2") not in ("sd_v2", "sd_2.1", "sd_2.0"):
-        raise AdapterFileError(f"{name} is marked for {metadata.get('ss_base_model_version')}, not Stable Diffusion 2.x")
+    _check_marked_for_sd2(metadata, name)
     deltas = Deltas.from_kohya(tensors)
-    if backend is not None:
-        check_against_backend(deltas, metadata, backend, name, allow_other_base)
-    return AdapterFile(deltas, metadata)
+    notes = check_against_backend(deltas, metadata, backend, name, allow_other_base) if backend is not None else []
+    return AdapterFile(deltas, metadata, notes)
 
 
 def read_token(path, backend: Backend | None = None, name: str | None = None) -> ConceptToken:
@@ -236,18 +309,63 @@ def read_token(path, backend: Backend | None = None, name: str | None = None) ->
         raise AdapterFileError(f"{file} has {vectors.shape[1]}-wide vectors, this model's text encoder is "
                                f"{backend.width} wide: the token was made for another model")
     token_name = name or metadata.get(f"{NAMESPACE}.token") or Path(path).stem
+    try:
+        check_token_is_not_a_word(check_token_name(token_name))
+    except ValueError as error:
+        raise AdapterFileError(f"{file}: {error}") from None
     return ConceptToken(token_name, vectors)
 
 
+_MAX_METADATA_DEPTH = 32
+
+
+def _nesting_depth(value) -> int:
+    """How deeply lists/dicts nest in a decoded JSON value (iterative: untrusted values may nest very deeply)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, dict)):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def _decoded_metadata_value(key: str, value: str):
+    """Our own keys hold JSON (lists, numbers); anything else, undecodable or absurdly nested, stays as text."""
+    if not key.startswith(NAMESPACE):
+        return value
+    try:
+        decoded = json.loads(value)
+    except (ValueError, RecursionError):  # plain strings (concept, method, ...) are stored as they are
+        return value
+    return value if _nesting_depth(decoded) > _MAX_METADATA_DEPTH else decoded
+
+
+def _problem(tensors: dict[str, torch.Tensor], metadata: dict[str, str], name: str) -> tuple[str, str | None]:
+    """(kind, None) for a valid adapter or token, else ("unusable", what is wrong)."""
+    if list(tensors) == ["emb_params"]:
+        vectors = tensors["emb_params"]
+        usable = vectors.dtype in _STORED_DTYPES and vectors.ndim in (1, 2) and bool(torch.isfinite(vectors).all())
+        return ("concept token", None) if usable else (
+            "unusable", f"{name}: emb_params must be a finite float [n_vectors, width] tensor")
+    try:
+        validate_adapter_tensors(tensors, name)
+        _check_marked_for_sd2(metadata, name)
+        parse_fingerprint(metadata.get(f"{NAMESPACE}.base_fingerprint"), name)
+    except AdapterFileError as error:
+        return "unusable", str(error)
+    return "erasure adapter", None
+
+
 def inspect(path) -> dict:
-    """Metadata and tensor summary of an adapter or token file, for humans (``concept-unlearn inspect``)."""
+    """Metadata and tensor summary of an adapter or token file, for humans (``concept-unlearn inspect``).
+    ``kind`` is "erasure adapter" or "concept token" only for files that pass validation; otherwise it is
+    "unusable" and ``problem`` says why."""
     tensors, metadata = _read(path)
-    decoded = {}
-    for key, value in metadata.items():
-        try:
-            decoded[key] = json.loads(value) if key.startswith(NAMESPACE) else value
-        except json.JSONDecodeError:  # plain strings (concept, method, ...) are stored as they are
-            decoded[key] = value
-    kind = "concept token" if list(tensors) == ["emb_params"] else "erasure adapter"
+    decoded = {key: _decoded_metadata_value(key, value) for key, value in metadata.items()}
+    kind, problem = _problem(tensors, metadata, Path(path).name)
     size = sum(t.numel() * t.element_size() for t in tensors.values())
-    return {"file": str(path), "kind": kind, "tensors": len(tensors), "bytes": size, "metadata": decoded}
+    summary = {"file": str(path), "kind": kind, "tensors": len(tensors), "bytes": size, "metadata": decoded}
+    if problem:
+        summary["problem"] = problem
+    return summary

@@ -34,10 +34,12 @@ def _progress(total: int, description: str):
 
 
 def _load(args):
+    from .cli_checks import check_device
     from .diffusers_backend import DiffusersBackend, load_pipeline
 
     import torch
 
+    check_device(args.device)
     pipe = load_pipeline(args.model, prediction_type=args.prediction_type, dtype=getattr(torch, args.dtype))
     pipe.set_progress_bar_config(disable=True)
     if args.device:
@@ -55,13 +57,10 @@ def _images(args, backend):
 
 
 def _check_out(path: str, force: bool, suffix: str | None = None) -> Path:
-    """Refuse a bad --out before any training, not after it."""
-    path = Path(path)
-    if suffix and path.suffix.lower() != suffix:
-        raise ValueError(f"--out {path}: the file name must end in {suffix}")
-    if path.exists() and not force:
-        raise FileExistsError(f"{path} already exists: choose another --out or pass --force")
-    return path
+    """Refuse a bad --out (name, existing file or folder, unwritable folder) before any model loads."""
+    from .cli_checks import check_output
+
+    return check_output(path, force, suffix)
 
 
 def cmd_learn_token(args) -> None:
@@ -69,9 +68,14 @@ def cmd_learn_token(args) -> None:
     from .config import TokenConfig
     from .inversion import learn_token
 
+    from .images import find_images
+    from .tokens import check_token_is_not_a_word
+
     config = TokenConfig(token=args.token, n_vectors=args.vectors, init_word=args.init_word, kind=args.kind,
                          steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
+    check_token_is_not_a_word(config.token)
     out = _check_out(args.out, args.force, ".safetensors")
+    find_images(args.images)
     _, backend = _load(args)
     images = _images(args, backend)
     result = learn_token(backend, images, config, _progress(config.steps, f"learning {config.token}"))
@@ -93,6 +97,9 @@ def erase_config_from_args(args):
     if args.preserve is not None:
         chosen["preserve"] = tuple(args.preserve)
     if args.paper_settings:
+        from .cli_checks import check_paper_settings
+
+        check_paper_settings(args, _erase_defaults())
         overrides = {k: v for k, v in chosen.items() if k in ("synonyms", "kind", "seed")}
         return EraseConfig.fewshot_paper(args.concept, **overrides)
     defaults_lr = {"full": 1e-5}
@@ -100,13 +107,22 @@ def erase_config_from_args(args):
     return EraseConfig(concept=args.concept, method=args.method, lora=lora, **chosen)
 
 
+def _erase_defaults() -> dict:
+    """The erase command's option values when none is given."""
+    return vars(build_parser().parse_args(["erase", "--model", "-", "--concept", "-", "--out", "-"]))
+
+
 def cmd_erase(args) -> None:
     from .adapter_io import base_fingerprint, read_token, write_adapter
     from .erase import erase
     from .plots import loss_curve
 
+    from .images import find_images
+
     config = erase_config_from_args(args)
     out = _check_out(args.out, args.force, ".safetensors")
+    if args.images:
+        find_images(args.images)
     _, backend = _load(args)
     images = _images(args, backend) if args.images else None
     token = read_token(args.token, backend) if args.token else None
@@ -130,6 +146,8 @@ def apply_adapter_to_pipeline(pipe, backend, path, strength: float, allow_other_
     from .adapter_io import read_adapter
 
     adapter = read_adapter(path, backend, allow_other_base)
+    for note in adapter.notes:
+        print(f"note: {note}", file=sys.stderr)
     if adapter.deltas.mode == "lora":
         pipe.load_lora_weights(str(path), adapter_name="erasure")
         pipe.set_adapters(["erasure"], adapter_weights=[strength])
@@ -145,6 +163,9 @@ def cmd_generate(args) -> None:
 
     from .adapter_io import read_token
 
+    from .cli_checks import check_generate_options
+
+    check_generate_options(args.strength, args.sample_steps)
     out = _check_out(args.out, args.force)
     pipe, backend = _load(args)
     if args.token:
@@ -162,9 +183,12 @@ def cmd_generate(args) -> None:
 
 
 def cmd_inspect(args) -> None:
-    from .adapter_io import inspect
+    from .adapter_io import AdapterFileError, inspect
 
-    print(json.dumps(inspect(args.file), indent=2))
+    summary = inspect(args.file)
+    print(json.dumps(summary, indent=2))
+    if "problem" in summary:
+        raise AdapterFileError(summary["problem"])
 
 
 def cmd_demo(args) -> None:
@@ -185,6 +209,8 @@ def _model_options(parser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .cli_checks import seed_value
+
     parser = argparse.ArgumentParser(prog="concept-unlearn", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -200,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=200, help="optimisation steps (default 200)")
     p.add_argument("--lr", type=float, default=5e-3, help="learning rate (default 5e-3)")
     p.add_argument("--batch-size", type=int, default=2, help="images per step (default 2)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same result)")
+    p.add_argument("--seed", type=seed_value, default=0, help="random seed (same seed, same result)")
     p.set_defaults(func=cmd_learn_token)
 
     p = sub.add_parser("erase", help="train an erasure adapter (text-encoder LoRA) for a concept",
@@ -236,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preserve-weight", type=float, default=None, help="weight of the preserve term (default 1)")
     p.add_argument("--gradient-surgery", action="store_true",
                    help="DoCo: drop the part of the erase gradient that conflicts with the preserve gradient")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default 0; same seed, same result)")
+    p.add_argument("--seed", type=seed_value, default=None, help="random seed (default 0; same seed, same result)")
     p.add_argument("--out", required=True, help="output adapter .safetensors (a loss curve PNG is written beside it)")
     p.set_defaults(func=cmd_erase)
 
@@ -249,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", help="concept token .safetensors; its name (from the file) can be used in --prompt")
     p.add_argument("--sample-steps", type=int, default=25, help="sampling steps (default 25)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--seed", type=seed_value, default=0, help="sampling seed")
     p.add_argument("--out", required=True, help="output PNG")
     p.set_defaults(func=cmd_generate)
 

@@ -22,7 +22,11 @@ _KOHYA_SUFFIX = {
     "fc2": "mlp_fc2",
 }
 _PROJ_FROM_SUFFIX = {suffix: proj for proj, suffix in _KOHYA_SUFFIX.items()}
-_KOHYA_RE = re.compile(r"^lora_te_text_model_encoder_layers_(\d+)_(" + "|".join(_PROJ_FROM_SUFFIX) + r")$")
+# layer numbers as hosts write and match them: ASCII decimal, no leading zeros (diffusers skips "layers_00_" and
+# "layers_\u0663_", which int() would read as 0 and 3); \Z, not $: "$" also matches before a final newline
+_LAYER_NUMBER = r"(0|[1-9][0-9]*)"
+_KOHYA_RE = re.compile(r"^lora_te_text_model_encoder_layers_" + _LAYER_NUMBER + "_(" + "|".join(_PROJ_FROM_SUFFIX)
+                       + r")\Z")
 
 PRESETS = ("fewshot", "final", "all")
 
@@ -49,7 +53,7 @@ class Target:
     def parse(cls, text: str) -> "Target":
         """Parse ``"LAYER.PROJ"`` as written on the command line, e.g. ``"22.q"``."""
         layer, _, proj = text.strip().partition(".")
-        if not layer.isdigit() or not proj:
+        if not re.fullmatch(_LAYER_NUMBER, layer) or not proj:
             raise ValueError(f"target {text!r} is not of the form LAYER.PROJ (e.g. 22.fc1)")
         return cls(int(layer), proj)
 

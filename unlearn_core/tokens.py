@@ -1,8 +1,10 @@
 """Concept tokens (learned embedding vectors) and prompt encoding with them spliced in."""
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -20,6 +22,25 @@ def check_token_name(name: str) -> str:
         raise ValueError(
             f"token name {name!r} is not usable: use 1-64 letters, digits, '<', '>', '_', '-' or '.', no spaces"
         )
+    return name
+
+
+def is_vocabulary_word(name: str) -> bool:
+    """Whether ``name`` is a whole word of the CLIP BPE vocabulary every SD2 host shares (which holds every
+    stop word: "a", "the", "of", ...)."""
+    vocabulary = Path(__file__).parent / "sd2_config" / "tokenizer" / "vocab.json"
+    with open(vocabulary, encoding="utf-8") as f:
+        return f"{name.lower()}</w>" in json.load(f)
+
+
+def check_token_is_not_a_word(name: str) -> str:
+    """A token stands for its name wherever the name appears in a prompt as a whole word: a token called "cat"
+    or "a" would silently replace that word in every erase and preserve prompt."""
+    if is_vocabulary_word(name):
+        bracketed = f"<{name.strip('<>')}-token>"
+        raise ValueError(f"token name {name!r} is an ordinary word of the text encoder's vocabulary, so it would "
+                         f"replace that word in every prompt; use a name that is not a word, e.g. {bracketed!r} "
+                         "(learn the token again under such a name; a file that records no name is named by its file name)")
     return name
 
 
