@@ -123,6 +123,15 @@ def test_malformed_fingerprint_metadata_is_a_clear_error(backend, tmp_path, reco
         read_adapter(path, backend)
 
 
+def test_fingerprint_with_the_right_sizes_and_a_huge_probe_number_is_a_clear_error(backend, tmp_path):
+    recorded = base_fingerprint(backend)
+    recorded["probe"][0] = 10 ** 400  # valid JSON; torch.tensor overflows on it
+    metadata = {"ss_v2": "True", "concept_unlearn.base_fingerprint": json.dumps(recorded)}
+    path = save_adapter_file(tmp_path / "a.safetensors", small_deltas().to_kohya(torch.float16), metadata)
+    with pytest.raises(AdapterFileError, match="fingerprint metadata is damaged"):
+        read_adapter(path, backend)
+
+
 def test_adapter_without_fingerprint_says_its_base_was_not_checked(backend, tmp_path):
     unchecked = write_adapter(tmp_path / "a.safetensors", small_deltas(), None)
     notes = read_adapter(unchecked, backend).notes

@@ -51,7 +51,10 @@ def base_fingerprint(backend: Backend) -> dict:
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite JSON number that torch can hold (json reads integers of any size)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return abs(value) < 2 ** 53 if isinstance(value, int) else math.isfinite(value)
 
 
 def _well_formed_fingerprint(fingerprint) -> bool:
