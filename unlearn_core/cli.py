@@ -66,9 +66,8 @@ def _check_out(path: str, force: bool, suffix: str | None = None) -> Path:
 def cmd_learn_token(args) -> None:
     from .adapter_io import base_fingerprint, write_token
     from .config import TokenConfig
-    from .inversion import learn_token
-
     from .images import find_images
+    from .inversion import learn_token
     from .tokens import check_token_is_not_a_word
 
     config = TokenConfig(token=args.token, n_vectors=args.vectors, init_word=args.init_word, kind=args.kind,
@@ -115,9 +114,8 @@ def _erase_defaults() -> dict:
 def cmd_erase(args) -> None:
     from .adapter_io import base_fingerprint, read_token, write_adapter
     from .erase import erase
-    from .plots import loss_curve
-
     from .images import find_images
+    from .plots import loss_curve
 
     config = erase_config_from_args(args)
     out = _check_out(args.out, args.force, ".safetensors")
@@ -162,7 +160,6 @@ def cmd_generate(args) -> None:
     import torch
 
     from .adapter_io import read_token
-
     from .cli_checks import check_generate_options
 
     check_generate_options(args.strength, args.sample_steps)
