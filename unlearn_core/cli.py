@@ -134,7 +134,7 @@ def cmd_erase(args) -> None:
         loss_curve(result.history, f"erase {config.concept!r} ({config.method})").save(curve)
         written.append(curve.name)
     print(f"wrote {' and '.join(written)}: {config.method}, {config.steps} steps, {result.seconds:.1f} s, "
-          f"{result.unet_passes} UNet passes")
+          f"{result.unet_calls} UNet calls ({result.unet_samples} samples)")
 
 
 def apply_adapter_to_pipeline(pipe, backend, path, strength: float, allow_other_base: bool) -> None:

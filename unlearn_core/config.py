@@ -6,7 +6,9 @@ from dataclasses import dataclass, field
 from .targets import PRESETS, Target
 from .tokens import check_token_name
 
-METHODS = ("weighted", "fewshot", "anchor")
+METHODS = ("contextual", "weighted", "fewshot", "anchor")
+CONDITIONING_METHODS = ("contextual",)  # methods that need no UNet pass: the UNet is frozen, so matching the
+# conditioning a prompt should have gives the prediction it should have
 DEFAULT_PRESERVE = ("a photo", "a painting", "a photo of a person", "a landscape", "an animal", "")
 
 
@@ -87,6 +89,11 @@ class EraseConfig:
     method "fewshot":  gradient ascent on the denoising loss of the example images (Fuchi & Takagi 2024).
     method "anchor":   the concept prompts' prediction is pulled to the frozen model's for ``anchor``.
     method "weighted": both erase terms, weighted by ``ascent_weight`` and ``anchor_weight``.
+    method "contextual": in conditioning space, no UNet pass. In every context (``contexts``: prompts with a
+        "{}" slot, e.g. the example images' captions, plus their cross-overs and templates) the prompt with the
+        concept is mapped to the frozen conditioning of the same prompt with ``anchor`` in the slot, pushed
+        ``negative_guidance`` times further away from the concept; the same contexts with each ``keep`` word
+        (the concept's neighbours) and the empty prompt keep their frozen conditioning.
     All methods add ``preserve_weight`` x (keep the frozen conditioning of ``preserve`` prompts).
     ``gradient_surgery`` (DoCo): drop the part of the erase gradient that conflicts with the keep gradient.
     """
@@ -95,7 +102,7 @@ class EraseConfig:
     synonyms: tuple[str, ...] = ()
     method: str = "weighted"
     kind: str = "object"
-    anchor: str = "a photo"
+    anchor: str | None = None  # None: "" (the concept's words dropped) for contextual, "a photo" otherwise
     preserve: tuple[str, ...] = DEFAULT_PRESERVE
     steps: int = 60
     lr: float = 1e-3
@@ -107,8 +114,26 @@ class EraseConfig:
     gradient_surgery: bool = False
     seed: int = 0
     lora: LoraConfig = field(default_factory=LoraConfig)
+    contexts: tuple[str, ...] = ()
+    keep: tuple[str, ...] = ()
+    negative_guidance: float = 1.0
+    max_contexts: int = 48
+    prompt_batch: int = 32  # prompts per step of each kind (erase, keep) for the conditioning-space method
+    empty_weight: float = 10.0
 
     def __post_init__(self):
+        for name in ("synonyms", "preserve", "contexts", "keep"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.anchor is None:
+            object.__setattr__(self, "anchor", "" if self.method == "contextual" else "a photo")
+        for context in self.contexts:
+            _require(context.count("{}") == 1, "contexts",
+                     f"each context needs one '{{}}' where the concept goes, e.g. 'a {{}} on a sofa'; got {context!r}")
+        _require(all(k.strip() for k in self.keep), "keep", "contains an empty entry")
+        _require(self.negative_guidance >= 0, "negative_guidance", f"must be >= 0, got {self.negative_guidance}")
+        _require(self.max_contexts >= 1, "max_contexts", f"must be >= 1, got {self.max_contexts}")
+        _require(self.prompt_batch >= 1, "prompt_batch", f"must be >= 1, got {self.prompt_batch}")
+        _require(self.empty_weight >= 0, "empty_weight", f"must be >= 0, got {self.empty_weight}")
         _require(bool(self.concept.strip()), "concept", "is empty; name the concept to erase, e.g. 'a red star'")
         _require(self.method in METHODS, "method", f"must be one of {', '.join(METHODS)}, got {self.method!r}")
         _require(self.kind in ("object", "style"), "kind", f"must be 'object' or 'style', got {self.kind!r}")
@@ -119,6 +144,8 @@ class EraseConfig:
         _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         for name in ("ascent_weight", "anchor_weight", "preserve_weight"):
             _require(getattr(self, name) >= 0, name, "must be >= 0")
+        _require(not (self.gradient_surgery and self.method in CONDITIONING_METHODS), "gradient_surgery",
+                 f"applies to the UNet-loss methods, not {self.method!r}")
         _require(not self.gradient_surgery or (self.preserve_weight > 0 and len(self.preserve) > 0),
                  "gradient_surgery", "needs a preserve term (preserve prompts and preserve_weight > 0) to protect; "
                  "turn one of them on or turn gradient surgery off")

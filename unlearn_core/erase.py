@@ -8,7 +8,8 @@ import torch
 
 from . import objectives
 from .backend import Backend
-from .config import EraseConfig
+from .config import CONDITIONING_METHODS, EraseConfig
+from .contexts import build_contexts, erase_pairs, keep_prompts
 from .inversion import encode_latents
 from .lora import Deltas, target_shapes
 from .prompts import sample_prompts
@@ -26,7 +27,8 @@ class EraseResult:
     config: EraseConfig
     history: list[dict[str, float]]
     seconds: float
-    unet_passes: int
+    unet_calls: int  # UNet forward calls (with gradients or frozen)
+    unet_samples: int  # the samples those calls carried (calls x batch)
     token: str | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -40,7 +42,8 @@ class EraseResult:
             "weights": {"ascent": c.ascent_weight, "anchor": c.anchor_weight, "preserve": c.preserve_weight},
             "gradient_surgery": c.gradient_surgery,
             "final_losses": self.history[-1] if self.history else {},
-            "seconds": round(self.seconds, 2), "unet_passes": self.unet_passes,
+            "seconds": round(self.seconds, 2), "unet_calls": self.unet_calls,
+            "unet_samples": self.unet_samples,
         } | ({"notes": list(self.notes)} if self.notes else {})
 
 
@@ -61,15 +64,14 @@ def _noise_only_batch(backend: Backend, batch_size: int, generator: torch.Genera
 def erase(backend: Backend, config: EraseConfig, images: torch.Tensor | None = None,
           token: ConceptToken | None = None, callback: Callback | None = None) -> EraseResult:
     """Train deltas that erase ``config.concept`` (plus synonyms and ``token``) from the text encoder."""
+    if config.method in CONDITIONING_METHODS:
+        return _erase_in_conditioning_space(backend, config, token, callback)
     if config.needs_images and (images is None or len(images) == 0):
         raise ValueError(f"method {config.method!r} needs example images of the concept; "
                          "give 4-5 images, or use method 'anchor'")
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(config.seed)
-    lora = config.lora
-    targets = resolve_targets(lora.preset, backend.num_layers, lora.last_k, lora.targets)
-    deltas = Deltas(target_shapes(backend.linear, targets), lora.mode, lora.rank, lora.alpha, config.seed)
-    deltas.to(backend.device)
+    deltas = _new_deltas(backend, config)
     token = ConceptToken(token.name, token.vectors.detach()) if token is not None else None
     subjects = erase_subjects(config, token)
     counter = PassCounter(backend)
@@ -112,11 +114,70 @@ def erase(backend: Backend, config: EraseConfig, images: torch.Tensor | None = N
         optimizer = torch.optim.Adam(deltas.parameters(), lr=config.lr, betas=tuple(config.betas))
         backward = conflict_free_backward if config.gradient_surgery else plain_backward
         history = run(loss_fn, deltas.parameters(), optimizer, config.steps, callback, backward)
+    return _result(deltas, config, history, start, counter, token)
 
-    deltas = deltas.cpu()
-    notes = []
-    if lora.compress_rank:
-        deltas = deltas.compress(lora.compress_rank)
-        notes.append(f"full-weight deltas compressed to a rank-{lora.compress_rank} LoRA by SVD")
-    return EraseResult(deltas, config, history, time.perf_counter() - start, counter.count,
+
+def _new_deltas(backend: Backend, config: EraseConfig) -> Deltas:
+    lora = config.lora
+    targets = resolve_targets(lora.preset, backend.num_layers, lora.last_k, lora.targets)
+    deltas = Deltas(target_shapes(backend.linear, targets), lora.mode, lora.rank, lora.alpha, config.seed)
+    return deltas.to(backend.device)
+
+
+def _result(deltas: Deltas, config: EraseConfig, history, start: float, counter: PassCounter | None,
+            token: ConceptToken | None, notes=()) -> EraseResult:
+    deltas, notes = deltas.cpu(), list(notes)
+    if config.lora.compress_rank:
+        deltas = deltas.compress(config.lora.compress_rank)
+        notes.append(f"full-weight deltas compressed to a rank-{config.lora.compress_rank} LoRA by SVD")
+    calls, samples = (counter.calls, counter.samples) if counter else (0, 0)
+    return EraseResult(deltas, config, history, time.perf_counter() - start, calls, samples,
                        token.name if token else None, notes)
+
+
+def _encode_in_chunks(backend: Backend, prompts: list[str], token: ConceptToken | None,
+                      chunk: int = 64) -> torch.Tensor:
+    return torch.cat([encode(backend, prompts[i:i + chunk], token) for i in range(0, len(prompts), chunk)])
+
+
+def _erase_in_conditioning_space(backend: Backend, config: EraseConfig, token: ConceptToken | None,
+                                 callback: Callback | None) -> EraseResult:
+    """The contextual method: text encoder in, text encoder out; the frozen UNet is never called."""
+    start = time.perf_counter()
+    generator = torch.Generator().manual_seed(config.seed)
+    deltas = _new_deltas(backend, config)
+    token = ConceptToken(token.name, token.vectors.detach()) if token is not None else None
+    contexts = build_contexts(config.contexts, config.kind, config.max_contexts, config.seed)
+    pairs = erase_pairs(contexts, erase_subjects(config, token), config.anchor)
+    keep = keep_prompts(contexts, config.keep, config.preserve)
+    erase_prompts = [prompt for prompt, _ in pairs]
+
+    with training_context(backend), deltas.inject(backend.linear):
+        with torch.no_grad(), deltas.off():
+            anchor_cond = _encode_in_chunks(backend, [anchor for _, anchor in pairs], None)
+            targets = objectives.negative_target(
+                anchor_cond, _encode_in_chunks(backend, erase_prompts, token), config.negative_guidance)
+            keep_cond = _encode_in_chunks(backend, keep, None) if keep else None
+            empty_cond = encode(backend, [""])
+            scale = anchor_cond.float().pow(2).mean()
+
+        def loss_fn(_step):
+            erase_index = torch.randperm(len(pairs), generator=generator)[:config.prompt_batch]
+            keep_index = torch.randperm(len(keep), generator=generator)[:config.prompt_batch] if keep else []
+            prompts = [erase_prompts[i] for i in erase_index] + [keep[i] for i in keep_index] + [""]
+            cond = encode(backend, prompts, token)
+            n_erase, n_keep = len(erase_index), len(keep_index)
+            terms = {"erase": objectives.conditioning_match(cond[:n_erase], targets[erase_index], scale),
+                     "empty": objectives.conditioning_match(cond[-1:], empty_cond, scale)}
+            loss = terms["erase"] + config.empty_weight * terms["empty"]
+            if n_keep:
+                terms["keep"] = objectives.conditioning_match(cond[n_erase:n_erase + n_keep], keep_cond[keep_index],
+                                                              scale)
+                loss = loss + config.preserve_weight * terms["keep"]
+            terms["loss"] = loss
+            return terms
+
+        optimizer = torch.optim.Adam(deltas.parameters(), lr=config.lr, betas=tuple(config.betas))
+        history = run(loss_fn, deltas.parameters(), optimizer, config.steps, callback)
+    notes = [f"erased in {len(contexts)} contexts ({len(pairs)} prompts), kept {len(keep)} prompts and the empty one"]
+    return _result(deltas, config, history, start, None, token, notes)

@@ -19,7 +19,8 @@ class TokenResult:
     token: ConceptToken
     history: list[dict[str, float]]
     seconds: float
-    unet_passes: int
+    unet_calls: int
+    unet_samples: int
 
 
 def encode_latents(backend: Backend, images: torch.Tensor) -> torch.Tensor:
@@ -57,4 +58,4 @@ def learn_token(backend: Backend, images: torch.Tensor, config: TokenConfig,
         optimizer = torch.optim.AdamW([vectors], lr=config.lr, weight_decay=0.0)
         history = run(loss_fn, [vectors], optimizer, config.steps, callback)
     learned = ConceptToken(config.token, vectors.detach().float().cpu().clone())
-    return TokenResult(learned, history, time.perf_counter() - start, counter.count)
+    return TokenResult(learned, history, time.perf_counter() - start, counter.calls, counter.samples)

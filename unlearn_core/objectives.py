@@ -23,3 +23,16 @@ def anchor(prediction: torch.Tensor, anchor_prediction: torch.Tensor) -> torch.T
 def preserve(conditioning: torch.Tensor, frozen_conditioning: torch.Tensor) -> torch.Tensor:
     """Keep other prompts' conditioning where the frozen text encoder put it."""
     return F.mse_loss(conditioning.float(), frozen_conditioning.detach().float())
+
+
+def negative_target(anchor_conditioning: torch.Tensor, concept_conditioning: torch.Tensor,
+                    guidance: float) -> torch.Tensor:
+    """Where the concept's conditioning should go: the anchor's, pushed ``guidance`` times further from the
+    concept (ESD's negative guidance, taken in conditioning space)."""
+    return anchor_conditioning - guidance * (concept_conditioning - anchor_conditioning)
+
+
+def conditioning_match(conditioning: torch.Tensor, target: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Mean squared distance to a fixed target conditioning, relative to ``scale`` (the conditionings' mean
+    square), so its size means the same on every text encoder. Zero exactly when the conditioning is the target."""
+    return F.mse_loss(conditioning.float(), target.detach().float()) / scale

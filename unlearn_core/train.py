@@ -102,14 +102,16 @@ def evaluating(module: torch.nn.Module) -> Iterator[None]:
 
 
 class PassCounter:
-    """Counts UNet evaluations (the cost unit of every method)."""
+    """Counts UNet evaluations (the cost unit of every method): forward calls, and the samples they carry."""
 
     def __init__(self, backend: Backend):
         self.backend = backend
-        self.count = 0
+        self.calls = 0
+        self.samples = 0
 
     def __call__(self, x_t, t, cond):
-        self.count += x_t.shape[0]
+        self.calls += 1
+        self.samples += x_t.shape[0]
         return self.backend.predict(x_t, t, cond)
 
 
