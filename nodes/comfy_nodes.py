@@ -4,9 +4,10 @@ from __future__ import annotations
 import torch
 
 from ..unlearn_core import adapter_io, plots
-from ..unlearn_core.config import DEFAULT_PRESERVE, EraseConfig, LoraConfig, TokenConfig
+from ..unlearn_core.config import DEFAULT_PRESERVE, TokenConfig
 from ..unlearn_core.erase import erase
 from ..unlearn_core.inversion import learn_token
+from ..unlearn_core.methods import DEFAULT_METHOD, METHODS as METHOD_TABLE, method_config
 from ..unlearn_core.targets import PRESETS
 from ..unlearn_core.tokens import ConceptToken, encode, token_file_stem
 from . import host
@@ -14,7 +15,7 @@ from .host import ErasureAdapter
 
 CATEGORY = "Concept Unlearn"
 SUFFIX = "|ConceptUnlearn"
-METHODS = ("weighted", "anchor", "fewshot", "fewshot-paper")
+METHODS = tuple(METHOD_TABLE)
 NO_FILE = "(connected adapter)"
 SEED = ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "control_after_generate": True})
 RESOLUTION = ("INT", {"default": 512, "min": 0, "max": 1024, "step": 64,
@@ -103,26 +104,37 @@ class UnlearnConceptLoRA:
         return {
             "required": {
                 "model": ("MODEL",), "clip": ("CLIP",), "vae": ("VAE",),
-                "images": ("IMAGE", {"tooltip": "4-5 example images of the concept (methods weighted/fewshot)."}),
                 "concept": ("STRING", {"default": "a red star", "tooltip": "The concept as people prompt it."}),
                 "synonyms": ("STRING", {"default": "", "multiline": False, "tooltip": "Comma-separated."}),
-                "method": (list(METHODS), {"default": "weighted", "tooltip": "weighted: images + anchor; anchor: no "
-                                           "images needed; fewshot: gradient ascent on the images; fewshot-paper: "
-                                           "Fuchi & Takagi's settings (10 steps, lr 1e-5, full weights, no preserve "
-                                           "term; targets, steps and learning_rate are ignored, the full delta is saved as a "
-                                           "LoRA of the chosen rank by SVD)"}),
-                "kind": (["object", "style"],),
-                "targets": (list(PRESETS), {"default": "fewshot"}),
-                "steps": ("INT", {"default": 60, "min": 1, "max": 10000}),
-                "rank": ("INT", {"default": 4, "min": 1, "max": 256}),
+                "method": (list(METHODS), {"default": DEFAULT_METHOD, "tooltip": " ".join(
+                    f"{m.name}: {m.summary}" for m in METHOD_TABLE.values())}),
+                "kind": (["object", "style"], {"tooltip": "object: things, characters, people, logos; style: "
+                                               "an artist's or a look (changes the prompt templates)."}),
+                "targets": (list(PRESETS), {"default": "fewshot", "tooltip": "Which text-encoder projections "
+                                            "learn: fewshot = MLP of every layer + attention of the last; final = "
+                                            "every projection of the last layer; all = every projection."}),
+                "steps": ("INT", {"default": METHOD_TABLE[DEFAULT_METHOD].defaults["steps"], "min": 1, "max": 10000,
+                                  "tooltip": "Optimisation steps (contextual: 200, a few seconds on a GPU; the "
+                                             "UNet-loss methods: 60)."}),
+                "rank": ("INT", {"default": 4, "min": 1, "max": 256, "tooltip": "LoRA rank (file size grows with "
+                                                                                 "it)."}),
                 "learning_rate": ("FLOAT", {"default": 0.001, "min": 1e-7, "max": 1.0, "step": 0.00001}),
-                "anchor": ("STRING", {"default": "a photo"}),
+                "anchor": ("STRING", {"default": "", "tooltip": "What the concept becomes. Empty: contextual "
+                                      "drops the concept's words; anchor/weighted use 'a photo'."}),
+                "keep": ("STRING", {"default": "", "multiline": True, "tooltip": "Neighbours that must stay, one "
+                                    "per line (e.g. other characters of the same show when erasing one). "
+                                    "contextual puts each in the concept's place in every context."}),
+                "contexts": ("STRING", {"default": "", "multiline": True, "tooltip": "Prompts with {} where the "
+                                        "concept goes, one per line, e.g. 'a {} on a sofa' (the captions of your "
+                                        "images are the best contexts). Empty: templates."}),
                 "preserve": ("STRING", {"default": "\n".join(p for p in DEFAULT_PRESERVE if p), "multiline": True,
                                         "tooltip": "One prompt per line whose behaviour must not change."}),
                 "resolution": RESOLUTION,
                 "seed": SEED,
             },
             "optional": {
+                "images": ("IMAGE", {"tooltip": "4-5 example images of the concept (needed by weighted, fewshot "
+                                     "and fewshot-paper; contextual and anchor work without)."}),
                 "concept_token": ("CONCEPT_TOKEN",),
                 "gradient_surgery": ("BOOLEAN", {"default": False, "tooltip": "DoCo: drop the part of the erase "
                                                  "gradient that conflicts with keeping the preserve prompts."}),
@@ -132,20 +144,21 @@ class UnlearnConceptLoRA:
 
     @staticmethod
     def config(concept, synonyms, method, kind, targets, steps, rank, learning_rate, anchor, preserve, seed,
-               gradient_surgery=False):
-        preserve_prompts = host.split_lines(preserve) + ("",)
-        common = dict(synonyms=host.split_list(synonyms), kind=kind, anchor=anchor.strip() or "a photo",
-                      seed=seed, preserve=preserve_prompts, gradient_surgery=bool(gradient_surgery))
-        if method == "fewshot-paper":  # the published layers, steps and learning rate; rank = the SVD compression
-            return EraseConfig.fewshot_paper(concept.strip(), **{**common, "lora": LoraConfig(
-                preset="fewshot", mode="full", compress_rank=rank)})
-        return EraseConfig(concept=concept.strip(), method=method, lr=learning_rate, steps=steps,
-                           lora=LoraConfig(preset=targets, rank=rank), **common)
+               gradient_surgery=False, keep="", contexts=""):
+        return method_config(method, concept, synonyms=host.split_list(synonyms), kind=kind,
+                             anchor=anchor.strip() or None, seed=seed, steps=steps, lr=learning_rate,
+                             preset=targets, rank=rank, preserve=host.split_lines(preserve) + ("",),
+                             keep=host.split_lines(keep), contexts=host.split_lines(contexts),
+                             gradient_surgery=bool(gradient_surgery) or None)
 
-    def run(self, model, clip, vae, images, concept, synonyms, method, kind, targets, steps, rank, learning_rate,
-            anchor, preserve, resolution, seed, concept_token=None, gradient_surgery=False, unique_id=None):
+    def run(self, model, clip, vae, concept, synonyms, method, kind, targets, steps, rank, learning_rate,
+            anchor, keep, contexts, preserve, resolution, seed, images=None, concept_token=None,
+            gradient_surgery=False, unique_id=None):
         config = self.config(concept, synonyms, method, kind, targets, steps, rank, learning_rate, anchor,
-                             preserve, seed, gradient_surgery)
+                             preserve, seed, gradient_surgery, keep, contexts)
+        if config.needs_images and images is None:
+            raise ValueError(f"method {method!r} needs example images: connect 4-5 images of the concept, or "
+                             "use the contextual or anchor method")
         backend = _backend(model, clip, vae, resolution)
         examples = host.images_to_engine(images, resolution) if config.needs_images else None
         with torch.inference_mode(False), backend.session(examples):

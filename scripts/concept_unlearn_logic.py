@@ -27,11 +27,13 @@ from unlearn_core.adapter_io import (AdapterFileError, base_fingerprint, read_ad
                                      write_adapter, write_token)
 from unlearn_core.backend import UnsupportedModelError
 from unlearn_core.images import ImageInputError, prepare
+from unlearn_core.methods import method_config
 from unlearn_core.plots import loss_curve
 from unlearn_core.tokens import token_file_stem
 
 BACKEND = "concept_unlearn_a1111_backend"  # registered by the tab (and tests) before they load this file
-METHODS = {"Weighted (images + anchor)": "weighted", "Few-shot (images, gradient ascent)": "fewshot",
+METHODS = {"Contextual (default; images optional, no UNet pass)": "contextual",
+           "Weighted (images + anchor, seed 000)": "weighted", "Few-shot (images, gradient ascent)": "fewshot",
            "Anchor (no images needed)": "anchor",
            "Few-shot, paper settings (10 steps, lr 1e-5, full weights saved as a rank-R LoRA by SVD)": "fewshot-paper"}
 PRESETS = {"Few-shot layers (MLP of all + last attention)": "fewshot", "Last layer": "final", "All layers": "all"}
@@ -228,34 +230,31 @@ def _line(error: BaseException) -> str:
 
 
 def erase_config(host: Host, concept: str, synonyms: str, method_label: str, preset_label: str, steps: int,
-                 rank: int, seed: int, kind: str = "object", anchor: str = "", preserve: str = "") -> EraseConfig:
-    method = METHODS.get(method_label, method_label)
-    preset = PRESETS.get(preset_label, preset_label)
-    common = dict(synonyms=split_list(synonyms), kind=kind or "object", anchor=(anchor or "").strip() or "a photo",
-                  steps=int(steps), seed=int(seed))
+                 rank: int, seed: int, kind: str = "object", anchor: str = "", preserve: str = "",
+                 keep: str = "", contexts: str = "") -> EraseConfig:
+    """The engine's method table decides; the paper preset keeps its own layers, steps and lr (the Layers and
+    Steps inputs are not used) and saves its full-weight deltas at the Rank slider's rank by SVD."""
     prompts = split_list(preserve)
-    if prompts:
-        common["preserve"] = prompts + ("",)
-    if method == "fewshot-paper":
-        # the paper's layers, steps and lr stand (the Layers and Steps inputs are not used); its full-weight deltas
-        # are compressed to the Rank slider's rank by SVD, for a small file
-        del common["steps"]
-        return EraseConfig.fewshot_paper((concept or "").strip(), **common,
-                                         lora=LoraConfig(preset="fewshot", mode="full", compress_rank=int(rank)))
-    extra = {"lr": host.lr} if host.lr else {}
-    return EraseConfig(concept=(concept or "").strip(), method=method, lora=LoraConfig(preset=preset, rank=int(rank)),
-                       **common, **extra)
+    return method_config(METHODS.get(method_label, method_label), concept or "", synonyms=split_list(synonyms),
+                         kind=kind or "object", anchor=(anchor or "").strip() or None, steps=int(steps),
+                         seed=int(seed), preset=PRESETS.get(preset_label, preset_label), rank=int(rank),
+                         preserve=prompts + ("",) if prompts else None, keep=split_lines(keep),
+                         contexts=split_lines(contexts), lr=host.lr or None)
+
+
+def split_lines(text: str) -> tuple[str, ...]:
+    return tuple(line.strip() for line in (text or "").splitlines() if line.strip())
 
 
 @_guard
 def do_erase(host: Host, images, concept: str, synonyms: str, token: str, method_label: str,
              preset_label: str, steps: int, rank: int, seed: int, name: str = "", progress=None,
-             kind: str = "object", anchor: str = "", preserve: str = ""):
+             kind: str = "object", anchor: str = "", preserve: str = "", keep: str = "", contexts: str = ""):
     """Train an erasure adapter and save it to models/Lora. Returns (message, adapter path, loss curve).
 
     ``token``: optional concept token, a name or file in embeddings/ (its vectors join the erase prompts)."""
     config = erase_config(host, concept, synonyms, method_label, preset_label, steps, rank, seed, kind, anchor,
-                          preserve)
+                          preserve, keep, contexts)
     stem = file_stem(name or config.concept)
     path = Path(host.lora_dir) / f"{stem}.safetensors"
     if path.exists() and not host.overwrite:

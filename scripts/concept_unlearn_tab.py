@@ -63,10 +63,10 @@ def on_ui_tabs():
     import gradio as gr
 
     def erase_click(files, concept, synonyms, token, method, preset, steps, rank, seed, name, kind, anchor, preserve,
-                    progress=gr.Progress()):
+                    keep, contexts, progress=gr.Progress()):
         message, path, curve = logic.do_erase(logic.a1111_host(), files, concept, synonyms, token, method, preset,
                                               steps, rank, seed, name=name, progress=progress, kind=kind,
-                                              anchor=anchor, preserve=preserve)
+                                              anchor=anchor, preserve=preserve, keep=keep, contexts=contexts)
         adapter = gr.Dropdown.update(choices=_choices("lora"), value=Path(path).stem) if path else gr.Dropdown.update()
         return message, curve, adapter
 
@@ -118,14 +118,20 @@ def on_ui_tabs():
                     preset = gr.Dropdown(list(logic.PRESETS), value=next(iter(logic.PRESETS)), label="Layers",
                                          elem_id="concept_unlearn_preset")
                 with gr.Row():
-                    steps = gr.Slider(1, 1000, value=60, step=1, label="Steps", elem_id="concept_unlearn_steps")
+                    steps = gr.Slider(1, 1000, value=200, step=1, label="Steps (contextual 200, the others 60)",
+                                      elem_id="concept_unlearn_steps")
                     rank = gr.Slider(1, 64, value=4, step=1, label="Rank", elem_id="concept_unlearn_rank")
                     seed = gr.Number(value=0, precision=0, label="Seed", elem_id="concept_unlearn_seed")
                 with gr.Accordion("More erase options", open=False):
                     name = gr.Textbox(label="Adapter name (empty: unlearn_<concept>)", elem_id="concept_unlearn_name")
                     kind = gr.Radio(["object", "style"], value="object", label="Kind", elem_id="concept_unlearn_kind")
-                    anchor = gr.Textbox(label="Anchor prompt (what the concept should become)", value="a photo",
-                                        elem_id="concept_unlearn_anchor")
+                    anchor = gr.Textbox(label="Anchor (what the concept becomes; empty: contextual drops its words, "
+                                              "the others use 'a photo')", value="", elem_id="concept_unlearn_anchor")
+                    keep = gr.Textbox(label="Keep: neighbours that must stay, one per line (contextual)", lines=3,
+                                      elem_id="concept_unlearn_keep")
+                    contexts = gr.Textbox(label="Contexts: prompts with {} where the concept goes, one per line "
+                                                "(contextual; your images' captions are best)", lines=3,
+                                          elem_id="concept_unlearn_contexts")
                     preserve = gr.Textbox(label="Prompts to preserve (comma-separated; empty: defaults)",
                                           elem_id="concept_unlearn_preserve")
                 with gr.Accordion("Learn a concept token (textual inversion)", open=False):
@@ -153,7 +159,7 @@ def on_ui_tabs():
                 curve = gr.Image(label="Loss curve", type="pil", interactive=False, elem_id="concept_unlearn_curve")
 
         run.click(erase_click, inputs=[files, concept, synonyms, token, method, preset, steps, rank, seed, name, kind,
-                                       anchor, preserve], outputs=[message, curve, adapter])
+                                       anchor, preserve, keep, contexts], outputs=[message, curve, adapter])
         learn.click(learn_click, inputs=[files, token_name, init_word, kind, token_steps, seed, n_vectors],
                     outputs=[message, curve, token])
         audit.click(audit_click, inputs=[files, adapter, audit_steps, seed], outputs=[message, curve])

@@ -93,7 +93,7 @@ def test_method_labels_map_to_engine_configs():
     # the paper's layers and steps stand whatever the inputs say; the full deltas are saved at the Rank slider's rank
     assert (paper.lora.mode, paper.lora.compress_rank, paper.lora.preset, paper.steps) == ("full", 8, "fewshot", 10)
     assert paper.steps == preset.steps and "10 steps" in paper_label and "rank-R LoRA by SVD" in paper_label
-    weighted = logic.erase_config(host, " cat ", "", "Weighted (images + anchor)", "Last layer", 5, 2, 0,
+    weighted = logic.erase_config(host, " cat ", "", "Weighted (images + anchor, seed 000)", "Last layer", 5, 2, 0,
                                   kind="style", anchor="", preserve="a dog, a tree")
     assert (weighted.concept, weighted.method, weighted.lr, weighted.kind, weighted.anchor) == \
         ("cat", "weighted", 3e-4, "style", "a photo")
@@ -103,7 +103,7 @@ def test_method_labels_map_to_engine_configs():
 
 def test_erase_saves_a_loadable_adapter_and_leaves_the_model_unchanged(host, files, sd_model):
     snap = snapshot(sd_model)
-    message, path, curve = logic.do_erase(host, files, "cat", "kitten, kitty", "", "Weighted (images + anchor)",
+    message, path, curve = logic.do_erase(host, files, "cat", "kitten, kitty", "", "Weighted (images + anchor, seed 000)",
                                           "Few-shot layers (MLP of all + last attention)", 2, 2, 0)
     assert message.startswith("Saved unlearn_cat.safetensors") and "<lora:unlearn_cat:1>" in message
     assert Path(path).parent == host.lora_dir and curve.size[0] > 0
@@ -191,7 +191,7 @@ def test_learn_token_then_erase_with_it_then_audit(host, files, monkeypatch):
     assert Path(token_path) == host.embeddings_dir / "mycat.safetensors"
     with safe_open(token_path, framework="pt") as f:  # the single-tensor layout A1111's embedding loader accepts
         assert list(f.keys()) == ["emb_params"] and f.get_tensor("emb_params").shape == (2, 1024)
-    message, adapter_path, _ = logic.do_erase(host, files, "cat", "", "<mycat>", "Weighted (images + anchor)",
+    message, adapter_path, _ = logic.do_erase(host, files, "cat", "", "<mycat>", "Weighted (images + anchor, seed 000)",
                                               "Last layer", 2, 2, 0, name="cat_tok")
     assert message.startswith("Saved unlearn_cat_tok"), message
     audited, read_adapter = [], logic.read_adapter

@@ -52,9 +52,9 @@ def test_seed_out_of_range_is_refused_by_the_parser(capsys, tiny_model_dir, tmp_
 
 def test_paper_settings_refuse_options_they_would_ignore(capsys, tmp_path):
     code, errors = run_cli(capsys, "erase", "--model", tmp_path / "no-model", "--concept", "a cat",
-                           "--paper-settings", "--steps", "3", "--rank", "8", "--out", tmp_path / "a.safetensors")
+                           "--paper-settings", "--steps", "3", "--lr", "8", "--out", tmp_path / "a.safetensors")
     assert code == 2 and len(errors) == 1, errors
-    assert "--paper-settings fixes" in errors[0] and "ignore --rank, --steps" in errors[0]
+    assert "--paper-settings fixes" in errors[0] and "ignore --lr, --steps" in errors[0]
 
 
 def test_paper_settings_keep_synonyms_kind_and_seed(capsys, tmp_path):

@@ -84,26 +84,25 @@ def cmd_learn_token(args) -> None:
 
 
 def erase_config_from_args(args):
-    from .config import EraseConfig, LoraConfig
+    from .methods import method_config
 
-    lora = LoraConfig(preset=args.preset, last_k=args.last_k, targets=tuple(args.target or ()), mode=args.mode,
-                      rank=args.rank, alpha=args.alpha, compress_rank=args.compress_rank)
-    chosen = {k: v for k, v in dict(synonyms=tuple(args.synonym or ()), kind=args.kind, anchor=args.anchor,
-                                    steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-                                    ascent_weight=args.ascent_weight, anchor_weight=args.anchor_weight,
-                                    preserve_weight=args.preserve_weight,
-                                    gradient_surgery=args.gradient_surgery or None).items() if v is not None}
-    if args.preserve is not None:
-        chosen["preserve"] = tuple(args.preserve)
+    method = "fewshot-paper" if args.paper_settings else args.method
     if args.paper_settings:
         from .cli_checks import check_paper_settings
 
         check_paper_settings(args, _erase_defaults())
-        overrides = {k: v for k, v in chosen.items() if k in ("synonyms", "kind", "seed")}
-        return EraseConfig.fewshot_paper(args.concept, **overrides)
-    defaults_lr = {"full": 1e-5}
-    chosen.setdefault("lr", defaults_lr.get(lora.mode, 1e-3))
-    return EraseConfig(concept=args.concept, method=args.method, lora=lora, **chosen)
+    settings = dict(synonyms=tuple(args.synonym or ()), kind=args.kind, anchor=args.anchor, steps=args.steps,
+                    lr=args.lr, batch_size=args.batch_size, seed=args.seed, ascent_weight=args.ascent_weight,
+                    anchor_weight=args.anchor_weight, preserve_weight=args.preserve_weight,
+                    gradient_surgery=args.gradient_surgery or None,
+                    preserve=tuple(args.preserve) if args.preserve is not None else None,
+                    keep=tuple(args.keep or ()), contexts=tuple(args.context or ()),
+                    negative_guidance=args.negative_guidance, preset=args.preset, last_k=args.last_k,
+                    targets=tuple(args.target or ()), mode=args.mode, rank=args.rank, alpha=args.alpha,
+                    compress_rank=args.compress_rank)
+    if args.mode == "full" and args.lr is None:
+        settings["lr"] = 1e-5  # full-weight deltas move whole weights: the paper's rate, not LoRA's
+    return method_config(method, args.concept, **settings)
 
 
 def _erase_defaults() -> dict:
@@ -207,6 +206,7 @@ def _model_options(parser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .cli_checks import seed_value
+    from .methods import DEFAULT_METHOD, METHODS
 
     parser = argparse.ArgumentParser(prog="concept-unlearn", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
@@ -233,25 +233,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", help="folder with 4-5 example images (needed by methods fewshot and weighted)")
     p.add_argument("--token", help="a learned concept token file to erase as well")
     p.add_argument("--synonym", action="append", help="another phrase for the concept (repeatable)")
-    p.add_argument("--method", choices=("weighted", "fewshot", "anchor"), default="weighted",
-                   help="fewshot: gradient ascent on the images' denoising loss; anchor: map the concept to "
-                        "--anchor; weighted: both (default)")
+    p.add_argument("--method", choices=[m for m in METHODS if m != "fewshot-paper"], default=DEFAULT_METHOD,
+                   help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values() if m.name != "fewshot-paper")
+                   .replace("%", "%%"))
     p.add_argument("--paper-settings", action="store_true",
                    help="Fuchi & Takagi 2024 exactly: fewshot, full weights, Adam lr 1e-5 betas (0.9, 0.98), "
-                        "batch 2, 10 steps, no preserve term (other options ignored except synonyms/kind/seed)")
+                        "batch 2, 10 steps, no preserve term; saved as a rank --rank LoRA by SVD (other options "
+                        "refused except synonyms/kind/seed/rank)")
     p.add_argument("--kind", choices=("object", "style"), default="object", help="prompt templates to use")
-    p.add_argument("--anchor", default=None, help="anchor prompt for the anchor term (default 'a photo')")
+    p.add_argument("--anchor", default=None, help="what the concept becomes: contextual replaces it by this in "
+                   "each context (default: nothing, its words are dropped); anchor/weighted: the anchor prompt "
+                   "(default 'a photo')")
+    p.add_argument("--keep", action="append", help="a neighbour to keep, put in the concept's place in every "
+                   "context, e.g. --keep 'a dog' when erasing 'a cat' (repeatable; contextual)")
+    p.add_argument("--context", action="append", help="a prompt with {} where the concept goes, e.g. 'a {} on a "
+                   "sofa' (repeatable; contextual: the captions of your images are the best contexts)")
+    p.add_argument("--negative-guidance", type=float, default=None,
+                   help="contextual: push the concept's conditioning this many times past the anchor (default 1)")
     p.add_argument("--preserve", action="append", help="a prompt whose conditioning must not change (repeatable; "
                                                         "replaces the default list)")
-    p.add_argument("--preset", choices=("fewshot", "final", "all"), default="fewshot",
-                   help="which projections to adapt (default fewshot: fc1/fc2 of every layer + last attention)")
+    p.add_argument("--preset", choices=("fewshot", "final", "all"), default=None,
+                   help="which projections to adapt (fewshot: fc1/fc2 of every layer + last attention; "
+                        "default: the method's)")
     p.add_argument("--last-k", type=int, default=1, help="layers adapted by --preset final (default 1)")
     p.add_argument("--target", action="append", help="explicit LAYER.PROJ (proj: q k v out fc1 fc2); repeatable")
-    p.add_argument("--mode", choices=("lora", "full"), default="lora", help="LoRA deltas or full-weight deltas")
-    p.add_argument("--rank", type=int, default=4, help="LoRA rank (default 4)")
+    p.add_argument("--mode", choices=("lora", "full"), default=None, help="LoRA deltas (default) or full-weight deltas")
+    p.add_argument("--rank", type=int, default=None, help="LoRA rank (default 4; with --paper-settings the rank of "
+                   "the SVD the full delta is saved as)")
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default = rank)")
     p.add_argument("--compress-rank", type=int, default=None, help="full mode: save as a LoRA of this rank (SVD)")
-    p.add_argument("--steps", type=int, default=None, help="optimisation steps (default 60)")
+    p.add_argument("--steps", type=int, default=None, help="optimisation steps (default: the method's, "
+                   "contextual 200, the others 60)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3 LoRA, 1e-5 full)")
     p.add_argument("--batch-size", type=int, default=None, help="images per step (default 2)")
     p.add_argument("--ascent-weight", type=float, default=None, help="weight of the gradient-ascent term (default 1)")

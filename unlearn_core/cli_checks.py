@@ -9,7 +9,8 @@ from pathlib import Path
 MAX_SEED = 2 ** 64 - 1  # torch.Generator.manual_seed's range
 # what --paper-settings keeps from the command line; every other erase option is fixed by the paper's recipe
 PAPER_SETTINGS_KEEP = {"command", "func", "model", "prediction_type", "device", "dtype", "resolution", "force",
-                       "concept", "images", "token", "synonym", "kind", "seed", "out", "paper_settings"}
+                       "concept", "images", "token", "synonym", "kind", "seed", "out", "paper_settings", "rank",
+                       "method"}
 
 
 def seed_value(text: str) -> int:

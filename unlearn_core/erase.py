@@ -95,14 +95,17 @@ def erase(backend: Backend, config: EraseConfig, images: torch.Tensor | None = N
             terms = {}
             erase_loss = torch.zeros((), device=prediction.device)
             keep_loss = torch.zeros((), device=prediction.device)
-            if use_ascent and x0 is not None:
-                terms["ascent"] = objectives.ascent(prediction, backend.schedule.target(x0, noise, t))
-                erase_loss = erase_loss + config.ascent_weight * terms["ascent"]
             if use_anchor:
                 with torch.no_grad(), deltas.off():
                     anchor_prediction = counter(x_t, t, anchor_cond.expand(len(prompts), -1, -1))
                 terms["anchor"] = objectives.anchor(prediction, anchor_prediction)
                 erase_loss = erase_loss + config.anchor_weight * terms["anchor"]
+            if use_ascent and x0 is not None:
+                target = backend.schedule.target(x0, noise, t)
+                # with an anchor prediction at hand the ascent is bounded by it; fewshot stays the paper's -MSE
+                terms["ascent"] = (objectives.bounded_ascent(prediction, target, anchor_prediction) if use_anchor
+                                   else objectives.ascent(prediction, target))
+                erase_loss = erase_loss + config.ascent_weight * terms["ascent"]
             if use_preserve:
                 terms["preserve"] = objectives.preserve(encode(backend, list(config.preserve)), preserve_cond)
                 keep_loss = keep_loss + config.preserve_weight * terms["preserve"]

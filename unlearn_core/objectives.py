@@ -15,6 +15,14 @@ def ascent(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return -denoise(prediction, target)
 
 
+def bounded_ascent(prediction: torch.Tensor, target: torch.Tensor, reference_prediction: torch.Tensor) -> torch.Tensor:
+    """Ascent that stops where it should: each sample's denoising loss rises until it equals the loss the frozen
+    model has with the anchor prompt on the same x_t (a hinge), never beyond into adversarial conditioning."""
+    def per_sample(p):
+        return (p.float() - target.float()).pow(2).flatten(1).mean(1)
+    return F.relu(per_sample(reference_prediction.detach()) - per_sample(prediction)).mean()
+
+
 def anchor(prediction: torch.Tensor, anchor_prediction: torch.Tensor) -> torch.Tensor:
     """Bounded erase: the concept prompt should predict what the frozen model predicts for the anchor."""
     return F.mse_loss(prediction.float(), anchor_prediction.detach().float())
