@@ -123,7 +123,7 @@ def cmd_erase(args) -> None:
     _, backend = _load(args)
     images = _images(args, backend) if args.images else None
     token = read_token(args.token, backend) if args.token else None
-    result = erase(backend, config, images, token, _progress(config.steps, f"erasing {config.concept!r}"))
+    result = erase(backend, config, images, token, _progress(config.total_steps, f"erasing {config.concept!r}"))
     write_adapter(out, result.deltas, base_fingerprint(backend), result.info(), overwrite=args.force)
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)

@@ -120,6 +120,10 @@ class EraseConfig:
     max_contexts: int = 48
     prompt_batch: int = 32  # prompts per step of each kind (erase, keep) for the conditioning-space method
     empty_weight: float = 10.0
+    # robust option (contextual): this many rounds of a token learned against the adapter, then erased too
+    adversarial_rounds: int = 0
+    adversarial_steps: int = 100
+    adversarial_vectors: int = 2
 
     def __post_init__(self):
         for name in ("synonyms", "preserve", "contexts", "keep"):
@@ -132,6 +136,12 @@ class EraseConfig:
         _require(all(k.strip() for k in self.keep), "keep", "contains an empty entry")
         _require(self.negative_guidance >= 0, "negative_guidance", f"must be >= 0, got {self.negative_guidance}")
         _require(self.max_contexts >= 1, "max_contexts", f"must be >= 1, got {self.max_contexts}")
+        _require(0 <= self.adversarial_rounds <= 10, "adversarial_rounds", f"must be 0..10, got {self.adversarial_rounds}")
+        _require(self.adversarial_rounds == 0 or self.method in CONDITIONING_METHODS, "adversarial_rounds",
+                 "is an option of the contextual method")
+        _require(self.adversarial_steps >= 1, "adversarial_steps", f"must be >= 1, got {self.adversarial_steps}")
+        _require(1 <= self.adversarial_vectors <= 16, "adversarial_vectors",
+                 f"must be 1..16, got {self.adversarial_vectors}")
         _require(self.prompt_batch >= 1, "prompt_batch", f"must be >= 1, got {self.prompt_batch}")
         _require(self.empty_weight >= 0, "empty_weight", f"must be >= 0, got {self.empty_weight}")
         _require(bool(self.concept.strip()), "concept", "is empty; name the concept to erase, e.g. 'a red star'")
@@ -152,7 +162,12 @@ class EraseConfig:
 
     @property
     def needs_images(self) -> bool:
-        return self.method in ("fewshot", "weighted") and self.ascent_weight > 0
+        return (self.method in ("fewshot", "weighted") and self.ascent_weight > 0) or self.adversarial_rounds > 0
+
+    @property
+    def total_steps(self) -> int:
+        """Optimisation steps plus the adversarial tokens' steps: what a progress bar counts."""
+        return self.steps + self.adversarial_rounds * self.adversarial_steps
 
     @classmethod
     def fewshot_paper(cls, concept: str, **overrides) -> "EraseConfig":

@@ -8,14 +8,14 @@ import torch
 
 from . import objectives
 from .backend import Backend
-from .config import CONDITIONING_METHODS, EraseConfig
+from .config import CONDITIONING_METHODS, EraseConfig, TokenConfig
 from .contexts import build_contexts, erase_pairs, keep_prompts
-from .inversion import encode_latents
+from .inversion import encode_latents, learn_token
 from .lora import Deltas, target_shapes
 from .prompts import sample_prompts
 from .targets import resolve_targets
 from .tokens import ConceptToken, encode
-from .train import (Callback, PassCounter, conflict_free_backward, noisy_batch, plain_backward, run,
+from .train import (Callback, PassCounter, StepInfo, conflict_free_backward, noisy_batch, plain_backward, run,
                     training_context)
 
 NOISE_ONLY_LATENT_SIZE = 64  # latent side used by the anchor term when no images are given (SD2-base: 64)
@@ -65,7 +65,7 @@ def erase(backend: Backend, config: EraseConfig, images: torch.Tensor | None = N
           token: ConceptToken | None = None, callback: Callback | None = None) -> EraseResult:
     """Train deltas that erase ``config.concept`` (plus synonyms and ``token``) from the text encoder."""
     if config.method in CONDITIONING_METHODS:
-        return _erase_in_conditioning_space(backend, config, token, callback)
+        return _erase_in_conditioning_space(backend, config, images, token, callback)
     if config.needs_images and (images is None or len(images) == 0):
         raise ValueError(f"method {config.method!r} needs example images of the concept; "
                          "give 4-5 images, or use method 'anchor'")
@@ -143,32 +143,88 @@ def _encode_in_chunks(backend: Backend, prompts: list[str], token: ConceptToken 
     return torch.cat([encode(backend, prompts[i:i + chunk], token) for i in range(0, len(prompts), chunk)])
 
 
-def _erase_in_conditioning_space(backend: Backend, config: EraseConfig, token: ConceptToken | None,
-                                 callback: Callback | None) -> EraseResult:
-    """The contextual method: text encoder in, text encoder out; the frozen UNet is never called."""
+def _encode_each(backend: Backend, prompts: list[str], tokens: list[ConceptToken | None]) -> torch.Tensor:
+    """Conditioning for prompts that may each carry a different token (``tokens[i]`` for ``prompts[i]``)."""
+    out = [None] * len(prompts)
+    for tok in {id(t): t for t in tokens}.values():
+        index = [i for i, t in enumerate(tokens) if t is tok]
+        for i, cond in zip(index, encode(backend, [prompts[i] for i in index], tok)):
+            out[i] = cond
+    return torch.stack(out)
+
+
+class _Counting:
+    """One step count over the training phases and adversarial-token phases of a run, for progress bars."""
+
+    def __init__(self, callback: Callback | None, total: int):
+        self.callback, self.total, self.done = callback, total, 0
+
+    def __call__(self, info: StepInfo) -> None:
+        self.done += 1
+        if self.callback is not None:
+            self.callback(StepInfo(self.done, self.total, info.losses))
+
+
+def _adversarial_token(backend: Backend, deltas: Deltas, config: EraseConfig, images: torch.Tensor, round_: int,
+                       callback: Callback):
+    """A token learned on the model as erased so far (the re-learning attack, run inside the erasure)."""
+    captions = config.contexts if len(config.contexts) == len(images) else ()
+    token_config = TokenConfig(token=f"<adversary-{round_}>", n_vectors=config.adversarial_vectors,
+                               steps=config.adversarial_steps, lr=2e-2, seed=config.seed + round_,
+                               kind=config.kind, captions=captions)
+    flags = [(p, p.requires_grad) for p in deltas.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)  # the attack moves only its own vectors
+        return learn_token(backend, images, token_config, callback)
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _erase_in_conditioning_space(backend: Backend, config: EraseConfig, images: torch.Tensor | None,
+                                 token: ConceptToken | None, callback: Callback | None) -> EraseResult:
+    """The contextual method: text encoder in, text encoder out; the frozen UNet is never called, except by the
+    adversarial tokens of the robust option (``adversarial_rounds``), learned on the model as erased so far."""
+    if config.adversarial_rounds and (images is None or len(images) == 0):
+        raise ValueError("adversarial_rounds: the robust option learns attack tokens from the example images; "
+                         "give 4-5 images, or set adversarial_rounds to 0")
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(config.seed)
     deltas = _new_deltas(backend, config)
     token = ConceptToken(token.name, token.vectors.detach()) if token is not None else None
     contexts = build_contexts(config.contexts, config.kind, config.max_contexts, config.seed)
-    pairs = erase_pairs(contexts, erase_subjects(config, token), config.anchor)
     keep = keep_prompts(contexts, config.keep, config.preserve)
-    erase_prompts = [prompt for prompt, _ in pairs]
+    erase_prompts, erase_tokens, target_parts = [], [], []
+    counting = _Counting(callback, config.total_steps)
+    unet = PassCounter(backend)
+    history = []
 
-    with training_context(backend), deltas.inject(backend.linear):
+    def add_subjects(subjects: list[str], tok: ConceptToken | None) -> None:
+        pairs = erase_pairs(contexts, subjects, config.anchor)
+        prompts = [prompt for prompt, _ in pairs]
         with torch.no_grad(), deltas.off():
             anchor_cond = _encode_in_chunks(backend, [anchor for _, anchor in pairs], None)
-            targets = objectives.negative_target(
-                anchor_cond, _encode_in_chunks(backend, erase_prompts, token), config.negative_guidance)
+            target_parts.append(objectives.negative_target(
+                anchor_cond, _encode_in_chunks(backend, prompts, tok), config.negative_guidance))
+        erase_prompts.extend(prompts)
+        erase_tokens.extend([tok] * len(prompts))
+
+    with training_context(backend), deltas.inject(backend.linear):
+        add_subjects([config.concept.strip(), *config.synonyms], None)
+        if token is not None:
+            add_subjects([token.name], token)
+        with torch.no_grad(), deltas.off():
             keep_cond = _encode_in_chunks(backend, keep, None) if keep else None
             empty_cond = encode(backend, [""])
-            scale = anchor_cond.float().pow(2).mean()
+            scale = target_parts[0].float().pow(2).mean()
 
         def loss_fn(_step):
-            erase_index = torch.randperm(len(pairs), generator=generator)[:config.prompt_batch]
+            targets = torch.cat(target_parts)
+            erase_index = torch.randperm(len(erase_prompts), generator=generator)[:config.prompt_batch].tolist()
             keep_index = torch.randperm(len(keep), generator=generator)[:config.prompt_batch] if keep else []
-            prompts = [erase_prompts[i] for i in erase_index] + [keep[i] for i in keep_index] + [""]
-            cond = encode(backend, prompts, token)
+            cond = _encode_each(backend, [erase_prompts[i] for i in erase_index] + [keep[i] for i in keep_index]
+                                + [""], [erase_tokens[i] for i in erase_index] + [None] * (len(keep_index) + 1))
             n_erase, n_keep = len(erase_index), len(keep_index)
             terms = {"erase": objectives.conditioning_match(cond[:n_erase], targets[erase_index], scale),
                      "empty": objectives.conditioning_match(cond[-1:], empty_cond, scale)}
@@ -181,6 +237,19 @@ def _erase_in_conditioning_space(backend: Backend, config: EraseConfig, token: C
             return terms
 
         optimizer = torch.optim.Adam(deltas.parameters(), lr=config.lr, betas=tuple(config.betas))
-        history = run(loss_fn, deltas.parameters(), optimizer, config.steps, callback)
-    notes = [f"erased in {len(contexts)} contexts ({len(pairs)} prompts), kept {len(keep)} prompts and the empty one"]
-    return _result(deltas, config, history, start, None, token, notes)
+        phases = _split(config.steps, config.adversarial_rounds + 1)
+        for round_, steps in enumerate(phases):
+            if round_:
+                learned = _adversarial_token(backend, deltas, config, images, round_, counting)
+                unet.calls, unet.samples = unet.calls + learned.unet_calls, unet.samples + learned.unet_samples
+                add_subjects([learned.token.name], learned.token)
+            history += run(loss_fn, deltas.parameters(), optimizer, steps, counting)
+    notes = [f"erased in {len(contexts)} contexts ({len(erase_prompts)} prompts), kept {len(keep)} prompts and the "
+             "empty one"] + ([f"{config.adversarial_rounds} adversarial token(s) learned and erased"]
+                             if config.adversarial_rounds else [])
+    return _result(deltas, config, history, start, unet, token, notes)
+
+
+def _split(total: int, parts: int) -> list[int]:
+    """``total`` steps in ``parts`` phases, as equal as possible."""
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
