@@ -26,29 +26,34 @@ def write_report(out: Path, report: dict) -> Path:
         f"# Erasing \"{concept}\" from the world model",
         "",
         f"The bundled mini model (Stable Diffusion 2 architecture, trained on a procedural world of shapes, colours "
-        f"and styles) was shown {report['images']} example images of {concept}. Concept Unlearn learned a token for "
-        f"them, then trained a text-encoder LoRA with the `{report['method']}` method to erase "
-        f"{', '.join(repr(p) for p in report['erase_phrases'])}. A classifier judges every generated image.",
+        f"and styles) was shown {report['images']} example images of {concept} with their captions. Concept Unlearn "
+        f"trained a text-encoder LoRA with the `{report['method']}` method to erase "
+        f"{', '.join(repr(p) for p in report['erase_phrases'])} inside those captions (and their cross-overs), "
+        f"keeping {len(report['keep'])} neighbours ({', '.join(report['keep'][:4])}, ...). "
+        "A classifier judges every generated image; kept prompts count only when every attribute they name survives.",
         "",
         "| prompts | showing what was asked, before | after |",
         "|---|---|---|",
         f"| the erased phrasings | {_percent(report['acc_erased_before'])} | {_percent(report['acc_erased'])} (want 0 %) |",
         f"| a phrasing not used in training ({report['held_out_phrase']!r}) | {_percent(report['acc_synonyms_before'])} "
         f"| {_percent(report['acc_synonyms'])} (want 0 %) |",
+        f"| an unusual form (a comma before the style) | {_percent(report['acc_unusual_before'])} "
+        f"| {_percent(report['acc_unusual'])} (want 0 %) |",
         f"| other concepts | {_percent(report['acc_others_before'])} | {_percent(report['acc_others'])} (want unchanged) |",
         f"| close relatives (same other attributes, another {world.CONCEPT_KINDS[concept]}) "
         f"| {_percent(report['acc_related_before'])} "
         f"| {_percent(report['acc_related'])} (want unchanged) |",
         "",
-        f"Re-learning attack: a fresh token learned on the erased model from the same images shows {concept} in "
+        f"Re-learning attack: a fresh token ({report['attack_budget']['n_vectors']} vectors, "
+        f"{report['attack_budget']['steps']} steps) learned on the erased model from the same images shows {concept} in "
         f"{_percent(report['ti_attack_recovery'])} of its images (lower is more robust). For reference, the same kind "
         f"of token learned on the clean model shows it in {_percent(report['ti_token_clean'])}: a low attack number "
         f"means most when this one is high.",
         "",
-        f"Erasing took {report['seconds']:.1f} s ({report['unet_passes']} UNet passes) on this machine.",
+        f"Erasing took {report['seconds']:.1f} s ({report['unet_calls']} UNet calls) on this machine.",
         "",
-        "One concept, one seed: `bench/RESULTS.md` has six concepts and two methods, failures included "
-        "(`--concept NAME` runs this demo on another one).",
+        "One concept, one seed, 8 prompts per row: `bench/RESULTS.md` has the suite over every concept with "
+        "intervals, failures included (`--concept NAME` runs this demo on another one).",
         "",
         "![before and after](report.grid.png)",
         "",
@@ -77,7 +82,7 @@ def quiet_libraries() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concept", default="stripes", help=f"one of: {', '.join(world.CONCEPT_KINDS)}")
-    parser.add_argument("--method", default="weighted", choices=evaluate.METHODS)
+    parser.add_argument("--method", default="contextual", choices=evaluate.METHODS)
     parser.add_argument("--out", default="out/demo")
     args = parser.parse_args()
     quiet_libraries()

@@ -201,7 +201,7 @@ def erase_config(method: str, concept: str, captions: tuple[str, ...], steps: in
     """The harness's erase settings, as a user would give them; ``overrides`` are EraseConfig fields."""
     kind = world.CONCEPT_KINDS[concept]
     phrases = [engine_phrase(concept, p) for p in erase_phrasings(concept)]
-    neighbours = tuple(engine_phrase(n, world.phrasings(n)[0]) for n in KINDS[kind] if n != concept)
+    neighbours = tuple(engine_phrase(n, p) for n in KINDS[kind] if n != concept for p in world.phrasings(n))
     common = dict(synonyms=tuple(phrases[1:]), kind="style" if kind == "style" else "object",
                   **({"steps": steps} if steps else {}))
     if method == "contextual":
