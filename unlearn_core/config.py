@@ -91,7 +91,8 @@ class EraseConfig:
     method "weighted": both erase terms, weighted by ``ascent_weight`` and ``anchor_weight``.
     method "contextual": in conditioning space, no UNet pass. In every context (``contexts``: prompts with a
         "{}" slot, e.g. the example images' captions, plus their cross-overs and templates) the prompt with the
-        concept is mapped to the frozen conditioning of the same prompt with ``anchor`` in the slot, pushed
+        concept is mapped to the frozen conditioning of the same prompt with ``anchor`` in the slot (no anchor
+        and a keep list: the average of the prompts with each neighbour in the slot), pushed
         ``negative_guidance`` times further away from the concept; the same contexts with each ``keep`` word
         (the concept's neighbours) and the empty prompt keep their frozen conditioning.
     All methods add ``preserve_weight`` x (keep the frozen conditioning of ``preserve`` prompts).

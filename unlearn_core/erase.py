@@ -9,7 +9,7 @@ import torch
 from . import objectives
 from .backend import Backend
 from .config import CONDITIONING_METHODS, EraseConfig, TokenConfig
-from .contexts import build_contexts, erase_pairs, keep_prompts
+from .contexts import build_contexts, erase_pairs, fill, keep_prompts
 from .inversion import encode_latents, learn_token
 from .lora import Deltas, target_shapes
 from .prompts import sample_prompts
@@ -200,13 +200,22 @@ def _erase_in_conditioning_space(backend: Backend, config: EraseConfig, images: 
     unet = PassCounter(backend)
     history = []
 
+    def anchor_conditioning(pairs: list[tuple[str, str]], per_context: int) -> torch.Tensor:
+        if config.anchor or not config.keep:
+            return _encode_in_chunks(backend, [anchor for _, anchor in pairs], None)
+        # no anchor named, neighbours known: in each context the concept becomes its neighbours' average
+        # (what the concept shares with its kind), not the bare context, which a model may still render as it
+        means = torch.stack([_encode_in_chunks(backend, [fill(c, k) for k in config.keep], None).mean(0)
+                             for c in contexts])
+        return means.repeat_interleave(per_context, dim=0)
+
     def add_subjects(subjects: list[str], tok: ConceptToken | None) -> None:
         pairs = erase_pairs(contexts, subjects, config.anchor)
         prompts = [prompt for prompt, _ in pairs]
         with torch.no_grad(), deltas.off():
-            anchor_cond = _encode_in_chunks(backend, [anchor for _, anchor in pairs], None)
             target_parts.append(objectives.negative_target(
-                anchor_cond, _encode_in_chunks(backend, prompts, tok), config.negative_guidance))
+                anchor_conditioning(pairs, len(subjects)), _encode_in_chunks(backend, prompts, tok),
+                config.negative_guidance))
         erase_prompts.extend(prompts)
         erase_tokens.extend([tok] * len(prompts))
 
