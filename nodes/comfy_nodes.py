@@ -7,7 +7,7 @@ from ..unlearn_core import adapter_io, plots
 from ..unlearn_core.config import DEFAULT_PRESERVE, TokenConfig
 from ..unlearn_core.erase import erase
 from ..unlearn_core.inversion import learn_token
-from ..unlearn_core.methods import DEFAULT_METHOD, METHODS as METHOD_TABLE, method_config
+from ..unlearn_core.methods import DEFAULT_METHOD, METHODS as METHOD_TABLE, ROBUST_ROUNDS, method_config
 from ..unlearn_core.targets import PRESETS
 from ..unlearn_core.tokens import ConceptToken, encode, token_file_stem
 from . import host
@@ -136,6 +136,9 @@ class UnlearnConceptLoRA:
                 "images": ("IMAGE", {"tooltip": "4-5 example images of the concept (needed by weighted, fewshot "
                                      "and fewshot-paper; contextual and anchor work without)."}),
                 "concept_token": ("CONCEPT_TOKEN",),
+                "robust": ("BOOLEAN", {"default": False, "tooltip": f"contextual: {ROBUST_ROUNDS} rounds of a token "
+                                       "learned against the adapter from the images, then erased too (resists "
+                                       "re-learning better; needs images; slower)."}),
                 "gradient_surgery": ("BOOLEAN", {"default": False, "tooltip": "DoCo: drop the part of the erase "
                                                  "gradient that conflicts with keeping the preserve prompts."}),
             },
@@ -144,18 +147,19 @@ class UnlearnConceptLoRA:
 
     @staticmethod
     def config(concept, synonyms, method, kind, targets, steps, rank, learning_rate, anchor, preserve, seed,
-               gradient_surgery=False, keep="", contexts=""):
+               gradient_surgery=False, keep="", contexts="", robust=False):
         return method_config(method, concept, synonyms=host.split_list(synonyms), kind=kind,
                              anchor=anchor.strip() or None, seed=seed, steps=steps, lr=learning_rate,
                              preset=targets, rank=rank, preserve=host.split_lines(preserve) + ("",),
                              keep=host.split_lines(keep), contexts=host.split_lines(contexts),
-                             gradient_surgery=bool(gradient_surgery) or None)
+                             gradient_surgery=bool(gradient_surgery) or None,
+                             adversarial_rounds=ROBUST_ROUNDS if robust else None)
 
     def run(self, model, clip, vae, concept, synonyms, method, kind, targets, steps, rank, learning_rate,
             anchor, keep, contexts, preserve, resolution, seed, images=None, concept_token=None,
-            gradient_surgery=False, unique_id=None):
+            robust=False, gradient_surgery=False, unique_id=None):
         config = self.config(concept, synonyms, method, kind, targets, steps, rank, learning_rate, anchor,
-                             preserve, seed, gradient_surgery, keep, contexts)
+                             preserve, seed, gradient_surgery, keep, contexts, robust)
         if config.needs_images and images is None:
             raise ValueError(f"method {method!r} needs example images: connect 4-5 images of the concept, or "
                              "use the contextual or anchor method")

@@ -27,7 +27,7 @@ from unlearn_core.adapter_io import (AdapterFileError, base_fingerprint, read_ad
                                      write_adapter, write_token)
 from unlearn_core.backend import UnsupportedModelError
 from unlearn_core.images import ImageInputError, prepare
-from unlearn_core.methods import method_config
+from unlearn_core.methods import ROBUST_ROUNDS, method_config
 from unlearn_core.plots import loss_curve
 from unlearn_core.tokens import token_file_stem
 
@@ -231,7 +231,7 @@ def _line(error: BaseException) -> str:
 
 def erase_config(host: Host, concept: str, synonyms: str, method_label: str, preset_label: str, steps: int,
                  rank: int, seed: int, kind: str = "object", anchor: str = "", preserve: str = "",
-                 keep: str = "", contexts: str = "") -> EraseConfig:
+                 keep: str = "", contexts: str = "", robust: bool = False) -> EraseConfig:
     """The engine's method table decides; the paper preset keeps its own layers, steps and lr (the Layers and
     Steps inputs are not used) and saves its full-weight deltas at the Rank slider's rank by SVD."""
     prompts = split_list(preserve)
@@ -239,7 +239,8 @@ def erase_config(host: Host, concept: str, synonyms: str, method_label: str, pre
                          kind=kind or "object", anchor=(anchor or "").strip() or None, steps=int(steps),
                          seed=int(seed), preset=PRESETS.get(preset_label, preset_label), rank=int(rank),
                          preserve=prompts + ("",) if prompts else None, keep=split_lines(keep),
-                         contexts=split_lines(contexts), lr=host.lr or None)
+                         contexts=split_lines(contexts), lr=host.lr or None,
+                         adversarial_rounds=ROBUST_ROUNDS if robust else None)
 
 
 def split_lines(text: str) -> tuple[str, ...]:
@@ -249,12 +250,13 @@ def split_lines(text: str) -> tuple[str, ...]:
 @_guard
 def do_erase(host: Host, images, concept: str, synonyms: str, token: str, method_label: str,
              preset_label: str, steps: int, rank: int, seed: int, name: str = "", progress=None,
-             kind: str = "object", anchor: str = "", preserve: str = "", keep: str = "", contexts: str = ""):
+             kind: str = "object", anchor: str = "", preserve: str = "", keep: str = "", contexts: str = "",
+             robust: bool = False):
     """Train an erasure adapter and save it to models/Lora. Returns (message, adapter path, loss curve).
 
     ``token``: optional concept token, a name or file in embeddings/ (its vectors join the erase prompts)."""
     config = erase_config(host, concept, synonyms, method_label, preset_label, steps, rank, seed, kind, anchor,
-                          preserve, keep, contexts)
+                          preserve, keep, contexts, robust)
     stem = file_stem(name or config.concept)
     path = Path(host.lora_dir) / f"{stem}.safetensors"
     if path.exists() and not host.overwrite:

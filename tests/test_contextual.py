@@ -86,5 +86,7 @@ def test_method_table_is_what_every_host_builds_from():
     assert (paper.method, paper.steps, paper.lr, paper.lora.mode, paper.lora.compress_rank) == \
         ("fewshot", 10, 1e-5, "full", 8)
     assert method_config("weighted", "a cat").anchor == "a photo"
+    robust = method_config("contextual", "a cat", adversarial_rounds=2)
+    assert robust.needs_images and robust.total_steps == 200 + 2 * robust.adversarial_steps
     with pytest.raises(ValueError, match="method"):
         method_config("magic", "a cat")

@@ -97,7 +97,8 @@ def erase_config_from_args(args):
                     gradient_surgery=args.gradient_surgery or None,
                     preserve=tuple(args.preserve) if args.preserve is not None else None,
                     keep=tuple(args.keep or ()), contexts=tuple(args.context or ()),
-                    negative_guidance=args.negative_guidance, preset=args.preset, last_k=args.last_k,
+                    negative_guidance=args.negative_guidance, adversarial_rounds=args.adversarial_rounds,
+                    preset=args.preset, last_k=args.last_k,
                     targets=tuple(args.target or ()), mode=args.mode, rank=args.rank, alpha=args.alpha,
                     compress_rank=args.compress_rank)
     if args.mode == "full" and args.lr is None:
@@ -248,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "context, e.g. --keep 'a dog' when erasing 'a cat' (repeatable; contextual)")
     p.add_argument("--context", action="append", help="a prompt with {} where the concept goes, e.g. 'a {} on a "
                    "sofa' (repeatable; contextual: the captions of your images are the best contexts)")
+    p.add_argument("--adversarial-rounds", type=int, default=None,
+                   help="contextual, robust option: rounds of a token learned against the adapter from --images, "
+                        "then erased too (default 0; 2 is the hosts' 'robust'; each round costs 100 token steps)")
     p.add_argument("--negative-guidance", type=float, default=None,
                    help="contextual: push the concept's conditioning this many times past the anchor (default 1)")
     p.add_argument("--preserve", action="append", help="a prompt whose conditioning must not change (repeatable; "

@@ -44,6 +44,7 @@ METHODS = {m.name: m for m in (
                       preset="fewshot", mode="full")),
 )}
 DEFAULT_METHOD = "contextual"
+ROBUST_ROUNDS = 2  # the hosts' "robust" switch: adversarial tokens learned against the adapter and erased too
 _LORA_FIELDS = ("preset", "rank", "mode", "last_k", "targets", "alpha", "compress_rank")
 
 
