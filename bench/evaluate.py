@@ -26,6 +26,7 @@ concept and seed under --cache, so methods compared on one concept share it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -42,6 +43,7 @@ from unlearn_core.config import EraseConfig, LoraConfig, TokenConfig
 from unlearn_core.diffusers_backend import DiffusersBackend, load_pipeline
 from unlearn_core.erase import erase
 from unlearn_core.inversion import learn_token
+from unlearn_core.methods import method_config
 from unlearn_core.plots import grid, loss_curve
 from unlearn_core.tokens import ConceptToken, encode
 
@@ -51,6 +53,7 @@ from . import world
 MODEL = Path(__file__).parent / "world_model"
 CLASSIFIER = Path(__file__).parent / "classifier.safetensors"
 METHODS = ("contextual", "weighted", "fewshot", "paper", "anchor")
+TABLE_NAMES = {"paper": "fewshot-paper"}  # the harness's short names for the core's methods
 TOKEN_METHODS = ("weighted", "fewshot", "paper", "anchor")  # erase with a token learned from the images
 ERASE_TOKEN = dict(n_vectors=1, steps=150)  # the token a user learns to erase with
 ATTACK_TOKEN = dict(n_vectors=2, steps=300)  # the re-learning attack's budget
@@ -198,18 +201,16 @@ def harmonic(values) -> float:
 
 def erase_config(method: str, concept: str, captions: tuple[str, ...], steps: int | None = None,
                  **overrides) -> EraseConfig:
-    """The harness's erase settings, as a user would give them; ``overrides`` are EraseConfig fields."""
+    """The harness's erase settings, as a user would give them to any host (the core's method table);
+    ``overrides`` are EraseConfig fields."""
     kind = world.CONCEPT_KINDS[concept]
     phrases = [engine_phrase(concept, p) for p in erase_phrasings(concept)]
     neighbours = tuple(engine_phrase(n, p) for n in KINDS[kind] if n != concept for p in world.phrasings(n))
-    common = dict(synonyms=tuple(phrases[1:]), kind="style" if kind == "style" else "object",
-                  **({"steps": steps} if steps else {}))
+    settings = dict(synonyms=tuple(phrases[1:]), kind="style" if kind == "style" else "object", steps=steps)
     if method == "contextual":
-        common.update(contexts=captions, keep=neighbours)
-    common.update(overrides)
-    if method == "paper":
-        return EraseConfig.fewshot_paper(phrases[0], **common)
-    return EraseConfig(concept=phrases[0], method=method, **common)
+        settings.update(contexts=captions, keep=neighbours)
+    config = method_config(TABLE_NAMES.get(method, method), phrases[0], **settings)
+    return dataclasses.replace(config, **overrides) if overrides else config
 
 
 class CleanSide:
