@@ -188,6 +188,33 @@ def cmd_inspect(args) -> None:
         raise AdapterFileError(summary["problem"])
 
 
+def _describe(adapter) -> str:
+    from .stacking import unstack
+
+    if not adapter.is_stack:
+        return f"one adapter ({adapter.info('concept') or 'no concept recorded'})"
+    parts = unstack(adapter)
+    listed = ", ".join(p.concept if p.strength == 1 else f"{p.concept} x{p.strength:g}" for p in parts)
+    return f"a stack of {len(parts)} ({listed}), rank {sum(p.rank for p in parts)}"
+
+
+def cmd_merge(args) -> None:
+    from .stacking import merge_files
+
+    out = _check_out(args.out, args.force, ".safetensors")
+    path, merged = merge_files(args.adapters, out, args.strength, overwrite=args.force,
+                               allow_other_base=args.force_base)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB): {_describe(merged)}")
+
+
+def cmd_remove(args) -> None:
+    from .stacking import remove_from_file
+
+    out = _check_out(args.out, args.force, ".safetensors")
+    path, rest = remove_from_file(args.stack, args.concept, out, overwrite=args.force)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB): {_describe(rest)}")
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
@@ -295,6 +322,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="print an adapter's or token's metadata as JSON")
     p.add_argument("file", help="a .safetensors adapter or token")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("merge", help="stack erasure adapters into one file whose effect is the exact sum of theirs")
+    p.add_argument("adapters", nargs="+", help="erasure adapter .safetensors files (a stack adds its parts)")
+    p.add_argument("--strength", type=float, action="append",
+                   help="strength of each adapter, in order (repeat once per adapter; default 1 each)")
+    p.add_argument("--out", required=True, help="output .safetensors (loads in every host like any adapter)")
+    p.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
+    p.add_argument("--force-base", action="store_true", help="stack adapters whose base-model fingerprints differ "
+                                                               "or are missing")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("remove", help="take one concept's adapter out of a stack (the others come back exactly)")
+    p.add_argument("stack", help="a stacked .safetensors written by merge")
+    p.add_argument("--concept", required=True, help="the concept to remove (as inspect lists it) or its part's "
+                                                    "file name")
+    p.add_argument("--out", required=True, help="output .safetensors (the original file when one part remains)")
+    p.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
+    p.set_defaults(func=cmd_remove)
 
     p = sub.add_parser("demo", help="run every command end to end on a tiny built-in model with RANDOM weights "
                                     "(the flow, not erasure quality: `make demo` shows erasure on the world model)")
