@@ -125,6 +125,12 @@ class EraseConfig:
     adversarial_rounds: int = 0
     adversarial_steps: int = 100
     adversarial_vectors: int = 2
+    # contextual, optional: a closed-form edit of the UNet's cross-attention key/value projections after the
+    # text-encoder training (unlearn_core/kv_edit.py), saved in the same file as lora_unet_*attn2_to_k/to_v keys
+    unet_kv_edit: bool = False
+    kv_preserve_weight: float = 1.0  # lam: weight of the preserved vectors against the concept's
+    kv_ridge: float = 1e-3  # mu: pull towards the unedited weights, relative to the concept vectors' mean square
+    kv_rank: int = 16  # LoRA rank of each edited projection (truncated SVD beyond it; the error is recorded)
 
     def __post_init__(self):
         for name in ("synonyms", "preserve", "contexts", "keep"):
@@ -143,6 +149,12 @@ class EraseConfig:
         _require(self.adversarial_steps >= 1, "adversarial_steps", f"must be >= 1, got {self.adversarial_steps}")
         _require(1 <= self.adversarial_vectors <= 16, "adversarial_vectors",
                  f"must be 1..16, got {self.adversarial_vectors}")
+        _require(isinstance(self.unet_kv_edit, bool), "unet_kv_edit", f"must be true or false, got {self.unet_kv_edit!r}")
+        _require(not self.unet_kv_edit or self.method in CONDITIONING_METHODS, "unet_kv_edit",
+                 "is an option of the contextual method")
+        _require(self.kv_preserve_weight >= 0, "kv_preserve_weight", f"must be >= 0, got {self.kv_preserve_weight}")
+        _require(self.kv_ridge > 0, "kv_ridge", f"must be > 0 (it keeps the edit well-posed), got {self.kv_ridge}")
+        _require(1 <= self.kv_rank <= 1024, "kv_rank", f"must be between 1 and 1024, got {self.kv_rank}")
         _require(self.prompt_batch >= 1, "prompt_batch", f"must be >= 1, got {self.prompt_batch}")
         _require(self.empty_weight >= 0, "empty_weight", f"must be >= 0, got {self.empty_weight}")
         _require(bool(self.concept.strip()), "concept", "is empty; name the concept to erase, e.g. 'a red star'")

@@ -95,6 +95,14 @@ class DiffusersBackend:
         unet = self.pipe.unet
         return unet(x_t.to(unet.dtype), t, encoder_hidden_states=cond.to(unet.dtype)).sample
 
+    def cross_attention_kv(self) -> dict[str, nn.Module]:
+        """The UNet's cross-attention key/value linears by canonical name (their diffusers module paths,
+        e.g. ``down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k``); read, hooked, never written."""
+        from .kv_edit import is_kv_name
+
+        return {name: module for name, module in self.pipe.unet.named_modules()
+                if is_kv_name(name) and isinstance(module, nn.Linear)}
+
     def modules(self) -> list[nn.Module]:
         return [self.text_encoder, self.pipe.unet, self.pipe.vae]
 

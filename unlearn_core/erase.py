@@ -6,11 +6,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import objectives
+from . import kv_edit, objectives
 from .backend import Backend
 from .config import CONDITIONING_METHODS, EraseConfig, TokenConfig
 from .contexts import build_contexts, erase_pairs, fill, keep_prompts
 from .inversion import encode_latents, learn_token
+from .kv_edit import KVDeltas
 from .lora import Deltas, target_shapes
 from .prompts import sample_prompts
 from .targets import resolve_targets
@@ -31,6 +32,7 @@ class EraseResult:
     unet_samples: int  # the samples those calls carried (calls x batch)
     token: str | None = None
     notes: list[str] = field(default_factory=list)
+    unet_deltas: KVDeltas | None = None  # the UNet cross-attention key/value edit (EraseConfig.unet_kv_edit)
 
     def info(self) -> dict:
         """What the adapter file records about how it was made."""
@@ -256,7 +258,11 @@ def _erase_in_conditioning_space(backend: Backend, config: EraseConfig, images: 
     notes = [f"erased in {len(contexts)} contexts ({len(erase_prompts)} prompts), kept {len(keep)} prompts and the "
              "empty one"] + ([f"{config.adversarial_rounds} adversarial token(s) learned and erased"]
                              if config.adversarial_rounds else [])
-    return _result(deltas, config, history, start, unet, token, notes)
+    unet_deltas = kv_edit.after_erasure(backend, config, deltas, erase_prompts, erase_tokens, torch.cat(target_parts),
+                                        keep) if config.unet_kv_edit else None
+    result = _result(deltas, config, history, start, unet, token, notes + (unet_deltas.notes if unet_deltas else []))
+    result.unet_deltas = unet_deltas
+    return result
 
 
 def _split(total: int, parts: int) -> list[int]:
