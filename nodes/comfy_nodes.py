@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..unlearn_core import adapter_io, plots
+from ..unlearn_core import adapter_io, plots, stacking
 from ..unlearn_core.config import DEFAULT_PRESERVE, TokenConfig
 from ..unlearn_core.erase import erase
 from ..unlearn_core.inversion import learn_token
@@ -210,7 +210,10 @@ def load_adapter_file(clip, lora_name: str, allow_other_base: bool) -> ErasureAd
 
     clip.load_model()  # the weights the conditioning will use (with any patches already on this CLIP)
     view = TextEncoderView(clip)
-    file = adapter_io.read_adapter(host.full_path("loras", lora_name), view, allow_other_base=allow_other_base)
+    path = host.full_path("loras", lora_name)
+    file = adapter_io.read_adapter(path, view, allow_other_base=allow_other_base)
+    if stacking.STACK_KEY in file.metadata:  # kept as stored, so that parts can be removed from it
+        return ErasureAdapter.from_stored(stacking.load(path), source=lora_name)
     info = {k[len(adapter_io.NAMESPACE) + 1:]: _decode(v) for k, v in file.metadata.items()
             if k.startswith(adapter_io.NAMESPACE + ".") and k not in (f"{adapter_io.NAMESPACE}.base_fingerprint",)}
     return ErasureAdapter(file.deltas, file.fingerprint, info, source=lora_name)
@@ -262,9 +265,91 @@ class SaveErasureAdapter:
         path = (folder / f"{relative}.safetensors").resolve()
         if not relative or folder not in path.parents:
             raise ValueError(f"name {name!r} must be a relative file name inside models/loras, e.g. erasure/no-cat")
-        adapter_io.write_adapter(path, adapter.deltas, adapter.fingerprint, adapter.info, overwrite=overwrite)
+        if adapter.stored is not None:  # a stack: its exact tensors and parts record (plus an audit of it)
+            audit = {"audit": adapter.info["audit"]} if "audit" in adapter.info else {}
+            stacking.write(path, adapter.stored.with_info(**audit), overwrite=overwrite)
+        else:
+            adapter_io.write_adapter(path, adapter.deltas, adapter.fingerprint, adapter.info, overwrite=overwrite)
         lora_name = path.relative_to(folder).as_posix()
         return _ui((lora_name,), kind="adapter", saved=lora_name, **adapter.summary())
+
+
+STACK_INPUTS = 4  # adapter inputs of one Stack node (chain Stack nodes for more)
+
+
+class StackErasureAdapters:
+    """Merge erasure adapters into one whose effect is the exact sum of theirs (stacks, see unlearn_core.stacking)."""
+
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = ("ERASURE_ADAPTER",)
+    RETURN_NAMES = ("stack",)
+    DESCRIPTION = ("Stack erasure adapters into one (its effect is the sum of theirs; every host loads it like any "
+                   "LoRA). Remove From Erasure Stack takes one out again exactly. Connect a stack to stack more.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        optional = {}
+        for i in range(1, STACK_INPUTS + 1):
+            optional[f"adapter_{i}"] = ("ERASURE_ADAPTER", {"tooltip": "An adapter or a stack (its parts join)."})
+            optional[f"strength_{i}"] = ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05,
+                                                   "tooltip": f"Strength of adapter_{i} in the stack (not 0)."})
+        return {
+            "required": {
+                "lora_names": ("STRING", {"default": "", "multiline": True, "tooltip": "Files in models/loras to "
+                               "stack too, one per line; 'name.safetensors:0.5' gives one a strength."}),
+                "allow_other_base": ("BOOLEAN", {"default": False, "tooltip": "Stack adapters whose base-model "
+                                     "fingerprints differ or are missing."}),
+            },
+            "optional": optional,
+        }
+
+    def run(self, lora_names, allow_other_base, adapter_1=None, strength_1=1.0, adapter_2=None, strength_2=1.0,
+            adapter_3=None, strength_3=1.0, adapter_4=None, strength_4=1.0):
+        parts = []
+        connected = ((adapter_1, strength_1), (adapter_2, strength_2), (adapter_3, strength_3), (adapter_4, strength_4))
+        for i, (adapter, strength) in enumerate(connected, 1):
+            if adapter is not None:
+                label = adapter.source or f"(connected) {adapter.info.get('concept', f'adapter_{i}')}"
+                parts.append(stacking.Part(adapter.as_stored(), label, float(strength)))
+        for line in host.split_lines(lora_names):
+            name, strength = _name_and_strength(line)
+            parts.append(stacking.Part(stacking.load(host.full_path("loras", name)), name, strength))
+        if not parts:
+            raise ValueError("nothing to stack: connect erasure adapters or list files of models/loras")
+        stack = ErasureAdapter.from_stored(stacking.merge(parts, allow_other_base))
+        return _ui((stack,), kind="adapter", **stack.summary())
+
+
+def _name_and_strength(line: str) -> tuple[str, float]:
+    """'name.safetensors:0.5' -> (name.safetensors, 0.5); a line without a number after ':' is all name."""
+    name, _, tail = line.rpartition(":")
+    try:
+        return (name.strip(), float(tail)) if name.strip() else (line, 1.0)
+    except ValueError:
+        return line, 1.0
+
+
+class RemoveFromErasureStack:
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = ("ERASURE_ADAPTER",)
+    RETURN_NAMES = ("adapter",)
+    DESCRIPTION = ("Take one concept's adapter out of a stack: the other parts come back exactly as stacking them "
+                   "alone gives (the original adapter when one remains).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"stack": ("ERASURE_ADAPTER",),
+                             "concept": ("STRING", {"default": "", "tooltip": "The concept to remove (as the stack "
+                                                    "lists it) or its part's file name."})}}
+
+    def run(self, stack, concept):
+        if stack.stored is None or not stack.stored.is_stack:
+            raise ValueError("the adapter is not a stack: connect Stack Erasure Adapters, or Load Erasure Adapter "
+                             "with a stacked file")
+        rest = ErasureAdapter.from_stored(stacking.remove(stack.stored, concept, stack.source or "the stack"))
+        return _ui((rest,), kind="adapter", removed=concept.strip(), **rest.summary())
 
 
 class ErasureAudit:
@@ -383,6 +468,8 @@ NODES = {
     "SaveErasureAdapter": ("Save Erasure Adapter", SaveErasureAdapter),
     "LoadErasureAdapter": ("Load Erasure Adapter", LoadErasureAdapter),
     "ErasureAudit": ("Erasure Audit", ErasureAudit),
+    "StackErasureAdapters": ("Stack Erasure Adapters", StackErasureAdapters),
+    "RemoveFromErasureStack": ("Remove From Erasure Stack", RemoveFromErasureStack),
 }
 NODE_CLASS_MAPPINGS = {name + SUFFIX: cls for name, (_, cls) in NODES.items()}
 NODE_DISPLAY_NAME_MAPPINGS = {name + SUFFIX: title for name, (title, _) in NODES.items()}

@@ -9,7 +9,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..unlearn_core.adapter_io import NAMESPACE, adapter_metadata, parse_fingerprint
 from ..unlearn_core.lora import Deltas
+from ..unlearn_core.stacking import StoredAdapter
 
 PROGRESS_EVENT = "concept_unlearn.progress"
 
@@ -22,10 +24,29 @@ class ErasureAdapter:
     fingerprint: dict | None
     info: dict = field(default_factory=dict)
     source: str = ""  # file name when loaded from disk
+    stored: StoredAdapter | None = None  # a stack's exact file contents: applied and saved as they are
 
     def kohya_tensors(self) -> dict[str, torch.Tensor]:
-        # float16, exactly what write_adapter stores: applying this equals loading the saved file
+        # exactly what the saved file holds (write_adapter: float16; a stack: its own float32 tensors), so applying
+        # this equals loading the saved file
+        if self.stored is not None:
+            return self.stored.tensors
         return self.deltas.to_kohya(torch.float16)
+
+    def as_stored(self) -> StoredAdapter:
+        """The file contents Save Erasure Adapter writes for this adapter (what a stack keeps of it)."""
+        if self.stored is not None:
+            return self.stored
+        return StoredAdapter(self.kohya_tensors(), adapter_metadata(self.deltas, self.fingerprint, self.info))
+
+    @classmethod
+    def from_stored(cls, stored: StoredAdapter, source: str = "") -> "ErasureAdapter":
+        """A stack (or the one adapter a stack came back to) on a wire; Save writes it as it is."""
+        prefix = NAMESPACE + "."
+        info = {k[len(prefix):]: _decoded(v) for k, v in stored.metadata.items()
+                if k.startswith(prefix) and k != prefix + "base_fingerprint"}
+        return cls(Deltas.from_kohya(stored.tensors), parse_fingerprint(stored.info("base_fingerprint")), info,
+                   source=source, stored=stored)
 
     def with_info(self, **extra) -> "ErasureAdapter":
         return replace(self, info={**self.info, **extra})
@@ -38,6 +59,15 @@ class ErasureAdapter:
         if self.source:
             out["file"] = self.source
         return out
+
+
+def _decoded(value: str):
+    import json
+
+    try:
+        return json.loads(value)
+    except (ValueError, RecursionError):  # plain strings (concept, method) are stored as they are
+        return value
 
 
 def images_to_engine(images: torch.Tensor, resolution: int) -> torch.Tensor:

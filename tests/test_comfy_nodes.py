@@ -37,7 +37,8 @@ def sub(name):
 def test_registration_in_one_place(pack):
     names = set(pack.NODE_CLASS_MAPPINGS)
     assert names == {f"{n}|ConceptUnlearn" for n in ("LearnConceptToken", "UnlearnConceptLoRA", "ApplyErasureAdapter",
-                                                     "SaveErasureAdapter", "LoadErasureAdapter", "ErasureAudit")}
+                                                     "SaveErasureAdapter", "LoadErasureAdapter", "ErasureAudit",
+                                                     "StackErasureAdapters", "RemoveFromErasureStack")}
     assert set(pack.NODE_DISPLAY_NAME_MAPPINGS) == names
     assert (REPO / pack.WEB_DIRECTORY).is_dir() and list((REPO / pack.WEB_DIRECTORY).glob("*.js"))
 
@@ -61,7 +62,8 @@ def test_import_has_no_host_side_effects(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["LearnConceptToken", "UnlearnConceptLoRA", "ApplyErasureAdapter",
-                                  "SaveErasureAdapter", "LoadErasureAdapter", "ErasureAudit"])
+                                  "SaveErasureAdapter", "LoadErasureAdapter", "ErasureAudit",
+                                  "StackErasureAdapters", "RemoveFromErasureStack"])
 def test_node_declarations(pack, name):
     cls = pack.NODE_CLASS_MAPPINGS[f"{name}|ConceptUnlearn"]
     assert cls.CATEGORY == "Concept Unlearn"
