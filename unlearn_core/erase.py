@@ -16,8 +16,8 @@ from .lora import Deltas, target_shapes
 from .prompts import sample_prompts
 from .targets import resolve_targets
 from .tokens import ConceptToken, encode
-from .train import (Callback, PassCounter, StepInfo, conflict_free_backward, noisy_batch, plain_backward, run,
-                    training_context)
+from .train import (Callback, PassCounter, StepInfo, conflict_free_backward, grad_scaler, noisy_batch, plain_backward,
+                    run, training_context)
 
 NOISE_ONLY_LATENT_SIZE = 64  # latent side used by the anchor term when no images are given (SD2-base: 64)
 
@@ -118,7 +118,7 @@ def erase(backend: Backend, config: EraseConfig, images: torch.Tensor | None = N
 
         optimizer = torch.optim.Adam(deltas.parameters(), lr=config.lr, betas=tuple(config.betas))
         backward = conflict_free_backward if config.gradient_surgery else plain_backward
-        history = run(loss_fn, deltas.parameters(), optimizer, config.steps, callback, backward)
+        history = run(loss_fn, deltas.parameters(), optimizer, config.steps, callback, backward, grad_scaler(backend))
     return _result(deltas, config, history, start, counter, token)
 
 
@@ -248,13 +248,14 @@ def _erase_in_conditioning_space(backend: Backend, config: EraseConfig, images: 
             return terms
 
         optimizer = torch.optim.Adam(deltas.parameters(), lr=config.lr, betas=tuple(config.betas))
+        scaler = grad_scaler(backend)  # one for the run: its scale carries over between phases
         phases = _split(config.steps, config.adversarial_rounds + 1)
         for round_, steps in enumerate(phases):
             if round_:
                 learned = _adversarial_token(backend, deltas, config, images, round_, counting)
                 unet.calls, unet.samples = unet.calls + learned.unet_calls, unet.samples + learned.unet_samples
                 add_subjects([learned.token.name], learned.token)
-            history += run(loss_fn, deltas.parameters(), optimizer, steps, counting)
+            history += run(loss_fn, deltas.parameters(), optimizer, steps, counting, scaler=scaler)
     notes = [f"erased in {len(contexts)} contexts ({len(erase_prompts)} prompts), kept {len(keep)} prompts and the "
              "empty one"] + ([f"{config.adversarial_rounds} adversarial token(s) learned and erased"]
                              if config.adversarial_rounds else [])

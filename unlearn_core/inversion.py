@@ -11,7 +11,7 @@ from .backend import Backend
 from .config import TokenConfig
 from .prompts import sample_prompts
 from .tokens import ConceptToken, encode, init_vectors
-from .train import Callback, PassCounter, noisy_batch, run, training_context
+from .train import Callback, PassCounter, grad_scaler, noisy_batch, run, training_context
 
 
 @dataclass
@@ -56,6 +56,6 @@ def learn_token(backend: Backend, images: torch.Tensor, config: TokenConfig,
             return {"loss": objectives.denoise(prediction, backend.schedule.target(x0, noise, t))}
 
         optimizer = torch.optim.AdamW([vectors], lr=config.lr, weight_decay=0.0)
-        history = run(loss_fn, [vectors], optimizer, config.steps, callback)
+        history = run(loss_fn, [vectors], optimizer, config.steps, callback, scaler=grad_scaler(backend))
     learned = ConceptToken(config.token, vectors.detach().float().cpu().clone())
     return TokenResult(learned, history, time.perf_counter() - start, counter.calls, counter.samples)

@@ -42,19 +42,26 @@ def conflict_free_backward(terms: dict[str, torch.Tensor], params: list[torch.nn
     keep = [torch.zeros_like(p) if g is None else g for p, g in zip(trainable, keep)]
     dot = sum((e * k).sum() for e, k in zip(erase, keep))
     norm = sum((k * k).sum() for k in keep)
-    if dot < 0 and norm > 0:
-        erase = [e - dot / norm * k for e, k in zip(erase, keep)]
+    # decided on the device (no host read): the projection coefficient is 0 unless the gradients conflict
+    coefficient = torch.where((dot < 0) & (norm > 0), dot / norm.clamp_min(torch.finfo(norm.dtype).tiny),
+                              torch.zeros_like(dot))
     for p, e, k in zip(trainable, erase, keep):
-        p.grad = e + k
+        p.grad = e - coefficient * k + k
 
 
 def run(loss_fn: Callable[[int], dict[str, torch.Tensor]], params: Iterable[torch.nn.Parameter],
         optimizer: torch.optim.Optimizer, steps: int, callback: Callback | None = None,
-        backward: Callable = plain_backward) -> list[dict[str, float]]:
+        backward: Callable = plain_backward, scaler: "torch.amp.GradScaler | None" = None) -> list[dict[str, float]]:
     """Minimise ``loss_fn(step)["loss"]`` for ``steps`` steps; returns the per-step loss terms.
 
     ``callback`` runs after every step and may raise (e.g. ``Cancelled``) to stop the run.
     ``backward(terms, params)`` fills the gradients (default: ``terms["loss"].backward()``).
+    ``scaler`` (see ``grad_scaler``) scales the loss terms before backward and unscales the gradients before the
+    optimizer step, which it skips when they overflowed (float16 host weights).
+
+    The device is read once per step: the loss terms and the finiteness of the loss and of every parameter travel
+    to the host in one transfer, after the optimizer step (a non-finite loss is still reported as such; the
+    parameters it spoiled are the run's own and are discarded with the exception).
     """
     params = list(params)
     history = []
@@ -62,19 +69,44 @@ def run(loss_fn: Callable[[int], dict[str, torch.Tensor]], params: Iterable[torc
         optimizer.zero_grad(set_to_none=True)
         terms = loss_fn(step)
         loss = terms["loss"]
-        if not torch.isfinite(loss):
+        if scaler is None:
+            backward(terms, params)
+            optimizer.step()
+        else:
+            backward({name: scaler.scale(value) for name, value in terms.items()}, params)
+            scaler.step(optimizer)
+            scaler.update()
+        values = torch.stack([value.detach().float().reshape(()) for value in terms.values()])
+        finite = torch.stack([torch.isfinite(loss.detach()).all()] + [torch.isfinite(p.detach()).all() for p in params])
+        host = torch.cat([values, finite.float().to(values.device)]).cpu().tolist()  # the step's one device -> host transfer
+        record = dict(zip(terms, host[:len(values)]))
+        loss_finite, params_finite = host[len(values)], host[len(values) + 1:]
+        if not loss_finite:
             raise TrainingDiverged(
-                f"the loss became {float(loss)} at step {step + 1}: lower the learning rate or the erase weight"
+                f"the loss became {record['loss']} at step {step + 1}: lower the learning rate or the erase weight"
             )
-        backward(terms, params)
-        optimizer.step()
-        if not all(torch.isfinite(p).all() for p in params):
+        if not all(params_finite):
             raise TrainingDiverged(f"the weights became NaN/inf at step {step + 1}: lower the learning rate")
-        record = {name: float(value.detach()) for name, value in terms.items()}
         history.append(record)
         if callback is not None:
             callback(StepInfo(step + 1, steps, record))
     return history
+
+
+def grad_scaler(backend: Backend) -> "torch.amp.GradScaler | None":
+    """A loss scaler when the host's weights are float16, else None.
+
+    Gradients flowing back through float16 activations flush to zero below 6e-8 (and overflow above 65504);
+    A1111's own textual-inversion trainer scales the loss for this reason. bfloat16 has float32's exponent range
+    and needs no scaling. torch < 2.3 (A1111 v1.10's default venv) has a scaler for CUDA only.
+    """
+    half = any(p.dtype == torch.float16 for module in backend.modules() for p in module.parameters())
+    if not half:
+        return None
+    device = torch.device(backend.device).type
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler(device)
+    return torch.cuda.amp.GradScaler() if device == "cuda" else None
 
 
 @contextmanager
