@@ -29,6 +29,7 @@ from unlearn_core.backend import UnsupportedModelError
 from unlearn_core.images import ImageInputError, prepare
 from unlearn_core.methods import ROBUST_ROUNDS, method_config
 from unlearn_core.plots import loss_curve
+from unlearn_core import stacking
 from unlearn_core.tokens import token_file_stem
 
 BACKEND = "concept_unlearn_a1111_backend"  # registered by the tab (and tests) before they load this file
@@ -322,6 +323,76 @@ def do_audit(host: Host, images, adapter: str, steps: int, seed: int, progress=N
     verdict = "recoverable (shallow erasure)" if a <= b * 1.05 else "not recovered in this budget"
     return (f"Audit of {adapter_file.name}: re-learned token loss {a:.4f} on the erased model vs {b:.4f} on the "
             f"base model: {verdict}.", None, loss_curve(attacked.history, "re-learning attack on the erased model"))
+
+
+def _files_only(fn):
+    """Merging and removing read and write files only (no model, no job, no queue lock): failures become one line."""
+    def run(host: Host, *args, **kwargs):
+        try:
+            return fn(host, *args, **kwargs)
+        except EXPECTED as error:
+            return _failure(f"Error: {_line(error)}")
+    run.__name__, run.__doc__ = fn.__name__, fn.__doc__
+    return run
+
+
+def _strengths(text: str, count: int) -> list:
+    values = split_list(text)
+    if not values:
+        return [1.0] * count
+    if len(values) != count:
+        raise ValueError(f"strengths: {len(values)} given for {count} adapter(s): give one per adapter, or none")
+    try:
+        return [float(v) for v in values]
+    except ValueError:
+        raise ValueError(f"strengths: {text!r} is not a comma-separated list of numbers") from None
+
+
+def _stack_summary(adapter) -> str:
+    if not adapter.is_stack:
+        return f"the adapter of {adapter.info('concept') or 'its concept'}"
+    parts = stacking.unstack(adapter)
+    return ", ".join(p.concept if p.strength == 1 else f"{p.concept} x{p.strength:g}" for p in parts)
+
+
+def _new_lora_path(host: Host, stem: str) -> Path:
+    path = Path(host.lora_dir) / f"{stem}.safetensors"
+    if path.exists() and not host.overwrite:
+        raise FileExistsError(f"{path.name} already exists in {path.parent}: choose another name "
+                              "(or allow overwriting in Settings > Concept Unlearn)")
+    return path
+
+
+@_files_only
+def do_merge(host: Host, adapters, strengths: str = "", name: str = ""):
+    """Stack adapters of models/Lora into one file whose effect is the sum of theirs. Returns (message, path, None).
+
+    ``adapters``: names as ``list_files`` gives them (a list, or text with one per line / comma-separated)."""
+    listed = adapters if isinstance(adapters, (list, tuple)) else split_list(adapters)
+    names = [a.strip() for a in listed if a and a.strip()]
+    if not names:
+        raise ValueError("adapters: pick the erasure adapters (files in models/Lora) to stack")
+    files = [find_file(n, host.lora_dir, "adapter") for n in names]
+    stem = file_stem(name or "stack_" + "_".join(Path(n).stem.removeprefix("unlearn_") for n in names)[:80])
+    path = _new_lora_path(host, stem)
+    stacked = stacking.merge(stacking.parts_from_files(files, _strengths(strengths, len(files))))
+    stacking.write(path, stacked, overwrite=host.overwrite)
+    return (f"Saved {path.name}: {_stack_summary(stacked)}. Use <lora:{stem}:1> in a prompt (refresh the Lora tab); "
+            "Remove takes one concept out again.", str(path), None)
+
+
+@_files_only
+def do_remove(host: Host, stack: str, concept: str, name: str = ""):
+    """Take one concept's adapter out of a stack in models/Lora. Returns (message, path, None)."""
+    stack_file = find_file(stack, host.lora_dir, "stack")
+    if stack_file is None:
+        raise ValueError("stack: pick a stacked adapter (a file in models/Lora made by Merge)")
+    rest = stacking.remove(stacking.load(stack_file), concept, stack_file.name)
+    stem = file_stem(name or f"{stack_file.stem}_without_{concept}")
+    path = _new_lora_path(host, stem)
+    stacking.write(path, rest, overwrite=host.overwrite)
+    return (f"Saved {path.name}: {_stack_summary(rest)}. Use <lora:{stem}:1> in a prompt (refresh the Lora tab).",
+            str(path), None)
 
 
 def a1111_training_context(shared, sd_hijack, devices):

@@ -81,6 +81,19 @@ def on_ui_tabs():
         message, _path, curve = logic.do_audit(logic.a1111_host(), files, adapter, steps, seed, progress=progress)
         return message, curve
 
+    def lora_lists(path):
+        """New choices for the three adapter lists after a file was saved (the stack lists keep their values)."""
+        choices = _choices("lora")  # one update dict per output: gradio 3.41 pops keys from each while sending it
+        return tuple(gr.Dropdown.update(choices=choices) if path else gr.Dropdown.update() for _ in range(3))
+
+    def merge_click(adapters, strengths, name):
+        message, path, _ = logic.do_merge(logic.a1111_host(), adapters, strengths, name=name)
+        return (message,) + lora_lists(path)
+
+    def remove_click(stack, concept, name):
+        message, path, _ = logic.do_remove(logic.a1111_host(), stack, concept, name=name)
+        return (message,) + lora_lists(path)
+
     def interrupt_click():
         from modules import shared
 
@@ -151,6 +164,25 @@ def on_ui_tabs():
                         refresh_adapters = gr.Button("Refresh", size="sm", elem_id="concept_unlearn_refresh_adapters")
                     audit_steps = gr.Slider(1, 2000, value=100, step=1, label="Attack steps",
                                             elem_id="concept_unlearn_audit_steps")
+                with gr.Accordion("Stack adapters (several concepts in one file)", open=False):
+                    gr.Markdown("*Merge* saves one LoRA whose effect is the sum of the chosen adapters' (each at its "
+                                "strength); *Remove* takes one concept out of such a stack again, exactly.")
+                    stack_adapters = gr.Dropdown(choices=_choices("lora"), value=[], multiselect=True,
+                                                 label="Adapters to merge (files in models/Lora)",
+                                                 elem_id="concept_unlearn_stack_adapters")
+                    with gr.Row():
+                        stack_strengths = gr.Textbox(label="Strengths (comma-separated, one per adapter; empty: 1)",
+                                                     elem_id="concept_unlearn_stack_strengths")
+                        stack_name = gr.Textbox(label="Stack name (empty: unlearn_stack_<names>)",
+                                                elem_id="concept_unlearn_stack_name")
+                    merge = gr.Button("Merge", elem_id="concept_unlearn_merge")
+                    with gr.Row():
+                        remove_stack = gr.Dropdown(choices=_choices("lora"), value=None, allow_custom_value=True,
+                                                   label="Stack to remove from", elem_id="concept_unlearn_remove_stack")
+                        remove_concept = gr.Textbox(label="Concept to remove", elem_id="concept_unlearn_remove_concept")
+                        remove_name = gr.Textbox(label="New name (empty: <stack>_without_<concept>)",
+                                                 elem_id="concept_unlearn_remove_name")
+                    remove = gr.Button("Remove", elem_id="concept_unlearn_remove")
             with gr.Column():
                 with gr.Row():
                     learn = gr.Button("Learn Token", elem_id="concept_unlearn_learn")
@@ -167,8 +199,12 @@ def on_ui_tabs():
                     outputs=[message, curve, token])
         audit.click(audit_click, inputs=[files, adapter, audit_steps, seed], outputs=[message, curve])
         interrupt.click(interrupt_click, inputs=[], outputs=[], queue=False)
+        merge.click(merge_click, inputs=[stack_adapters, stack_strengths, stack_name],
+                    outputs=[message, adapter, stack_adapters, remove_stack])
+        remove.click(remove_click, inputs=[remove_stack, remove_concept, remove_name],
+                     outputs=[message, adapter, stack_adapters, remove_stack])
         refresh_tokens.click(lambda: gr.Dropdown.update(choices=_choices("token")), inputs=[], outputs=[token])
-        refresh_adapters.click(lambda: gr.Dropdown.update(choices=_choices("lora")), inputs=[], outputs=[adapter])
+        refresh_adapters.click(lambda: lora_lists(True), inputs=[], outputs=[adapter, stack_adapters, remove_stack])
         # live state: polled while the page is open (a continuous event: gradio 3.41 runs it outside the queue's
         # workers, but needs the queue, which A1111 enables); the buttons' own busy check stays behind it
         tab.load(status, inputs=None, outputs=[status_line, learn, run, audit], every=STATUS_EVERY,
