@@ -1,4 +1,5 @@
-"""Files users share: erasure adapters (kohya text-encoder LoRA) and concept tokens.
+"""Files users share: erasure adapters (kohya text-encoder LoRA, optionally with the UNet's cross-attention
+key/value edit as kohya ``lora_unet_*attn2_to_k/to_v`` keys beside it) and concept tokens.
 
 Written atomically, never silently overwritten; read with safetensors only and validated
 (keys, shapes, base model) before anything uses them.
@@ -19,6 +20,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .backend import Backend
+from .kv_edit import KOHYA_PREFIX as UNET_PREFIX
+from .kv_edit import KVDeltas, kv_modules, name_from_kohya
 from .lora import Deltas
 from .targets import ATTENTION, Target
 from .tokens import ConceptToken, check_token_is_not_a_word, check_token_name
@@ -137,8 +140,10 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: di
     return path
 
 
-def adapter_metadata(deltas: Deltas, fingerprint: dict | None, info: dict) -> dict[str, str]:
-    """kohya's ss_* keys (what hosts read) + our namespaced keys (``info`` e.g. concept, method, steps)."""
+def adapter_metadata(deltas: Deltas, fingerprint: dict | None, info: dict,
+                     unet: KVDeltas | None = None) -> dict[str, str]:
+    """kohya's ss_* keys (what hosts read) + our namespaced keys (``info`` e.g. concept, method, steps); with a
+    UNet key/value edit, ``concept_unlearn.unet_kv_edit`` records its projections, rank and SVD error."""
     full = deltas.mode == "full"
     metadata = {
         "ss_network_module": "networks.lora",
@@ -151,6 +156,10 @@ def adapter_metadata(deltas: Deltas, fingerprint: dict | None, info: dict) -> di
     }
     if fingerprint:
         metadata[f"{NAMESPACE}.base_fingerprint"] = json.dumps(fingerprint)
+    if unet is not None:
+        metadata[f"{NAMESPACE}.unet_kv_edit"] = json.dumps({
+            "projections": len(unet.names), "rank": unet.rank,
+            "max_svd_error": round(max(unet.errors.values()), 6) if unet.errors else None})
     for key, value in info.items():
         metadata[f"{NAMESPACE}.{key}"] = value if isinstance(value, str) else json.dumps(value)
     return metadata
@@ -167,10 +176,11 @@ def check_finite_as_written(tensors: dict[str, torch.Tensor], name: str) -> None
 
 
 def write_adapter(path, deltas: Deltas, fingerprint: dict | None, info: dict | None = None,
-                  overwrite: bool = False, dtype: torch.dtype = torch.float16) -> Path:
-    tensors = deltas.to_kohya(dtype)
+                  overwrite: bool = False, dtype: torch.dtype = torch.float16, unet: KVDeltas | None = None) -> Path:
+    """The text-encoder deltas (and ``unet``, the UNet key/value edit, when given) as one kohya LoRA file."""
+    tensors = deltas.to_kohya(dtype) | (unet.to_kohya(dtype) if unet is not None else {})
     check_finite_as_written(tensors, Path(path).name)
-    return atomic_save(tensors, path, adapter_metadata(deltas, fingerprint, info or {}), overwrite)
+    return atomic_save(tensors, path, adapter_metadata(deltas, fingerprint, info or {}, unet), overwrite)
 
 
 def write_token(path, token: ConceptToken, fingerprint: dict | None = None, overwrite: bool = False) -> Path:
@@ -202,6 +212,7 @@ class AdapterFile:
     deltas: Deltas
     metadata: dict[str, str]
     notes: list[str] = field(default_factory=list)  # what a user should know (e.g. an unchecked base model)
+    unet: KVDeltas | None = None  # the UNet cross-attention key/value edit, when the file carries one
 
     def info(self, key: str, default=None):
         return self.metadata.get(f"{NAMESPACE}.{key}", default)
@@ -211,9 +222,52 @@ class AdapterFile:
         return parse_fingerprint(self.info("base_fingerprint"))
 
 
+def split_unet(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(text-encoder tensors, UNet ``lora_unet_*`` tensors) of an adapter file."""
+    unet = {k: v for k, v in tensors.items() if k.startswith(UNET_PREFIX)}
+    return {k: v for k, v in tensors.items() if k not in unet}, unet
+
+
+def _check_stored(tensor: torch.Tensor, key: str, name: str) -> None:
+    if tensor.dtype not in _STORED_DTYPES:
+        raise AdapterFileError(f"{name}: {key} is stored as {str(tensor.dtype).removeprefix('torch.')}; "
+                               "adapters hold float16, bfloat16 or float32 tensors: re-save it in one of those")
+    if not bool(torch.isfinite(tensor).all()):
+        raise AdapterFileError(f"{name}: {key} holds inf or NaN values: the file is damaged or its training "
+                               "diverged; train it again with a lower learning rate")
+
+
+def validate_unet_tensors(tensors: dict[str, torch.Tensor], name: str = "adapter") -> None:
+    """UNet keys may only be LoRA (down/up/alpha) on cross-attention to_k/to_v, each module complete."""
+    groups: dict[str, set[str]] = {}
+    for key, tensor in tensors.items():
+        base, _, suffix = key.partition(".")
+        try:
+            name_from_kohya(base)
+        except ValueError:
+            raise AdapterFileError(f"{name}: unexpected key {key!r}; the only UNet keys an erasure adapter holds are "
+                                   "its cross-attention key/value edit (lora_unet_..._attn2_to_k / to_v)") from None
+        if suffix not in _LORA_SUFFIXES:
+            raise AdapterFileError(f"{name}: unexpected key {key!r} (UNet edits are LoRA: lora_down/lora_up/alpha)")
+        _check_stored(tensor, key, name)
+        groups.setdefault(base, set()).add(suffix)
+    for base, suffixes in groups.items():
+        if suffixes != set(_LORA_SUFFIXES):
+            raise AdapterFileError(f"{name}: {base} needs lora_down.weight, lora_up.weight and alpha")
+        down, up = tensors[f"{base}.lora_down.weight"], tensors[f"{base}.lora_up.weight"]
+        if (down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1] or down.shape[0] < 1
+                or tensors[f"{base}.alpha"].numel() != 1):
+            raise AdapterFileError(f"{name}: {base} has inconsistent LoRA shapes {tuple(down.shape)} / {tuple(up.shape)}")
+
+
 def validate_adapter_tensors(tensors: dict[str, torch.Tensor], name: str = "adapter") -> None:
     if not tensors:
         raise AdapterFileError(f"{name} holds no tensors")
+    tensors, unet = split_unet(tensors)
+    validate_unet_tensors(unet, name)
+    if not tensors:
+        raise AdapterFileError(f"{name} holds UNet keys only; an erasure adapter holds text-encoder LoRA keys "
+                               "(lora_te_text_model_encoder_layers_N_...), with any UNet edit beside them")
     groups: dict[str, set[str]] = {}
     for key, tensor in tensors.items():
         base, _, suffix = key.partition(".")
@@ -224,12 +278,7 @@ def validate_adapter_tensors(tensors: dict[str, torch.Tensor], name: str = "adap
                                    "text-encoder LoRA keys (lora_te_text_model_encoder_layers_N_...)") from None
         if suffix not in _LORA_SUFFIXES + _FULL_SUFFIXES:
             raise AdapterFileError(f"{name}: unexpected key {key!r}")
-        if tensor.dtype not in _STORED_DTYPES:
-            raise AdapterFileError(f"{name}: {key} is stored as {str(tensor.dtype).removeprefix('torch.')}; "
-                                   "adapters hold float16, bfloat16 or float32 tensors: re-save it in one of those")
-        if not bool(torch.isfinite(tensor).all()):
-            raise AdapterFileError(f"{name}: {key} holds inf or NaN values: the file is damaged or its training "
-                                   "diverged; train it again with a lower learning rate")
+        _check_stored(tensor, key, name)
         groups.setdefault(base, set()).add(suffix)
     kinds = {frozenset(s) for s in groups.values()}
     if kinds not in ({frozenset(_LORA_SUFFIXES)}, {frozenset(_FULL_SUFFIXES)}):
@@ -281,6 +330,24 @@ def check_against_backend(deltas: Deltas, metadata: dict[str, str], backend: Bac
     return []
 
 
+def check_unet_against_backend(unet: KVDeltas, backend: Backend, name: str) -> list[str]:
+    """Refuse UNet keys that this model lacks or whose shapes differ; a note where the host cannot say."""
+    try:
+        modules = kv_modules(backend)
+    except ValueError:
+        return [f"{name} also edits the UNet's cross-attention keys/values, which this host's loader applies; "
+                "their shapes could not be checked here"]
+    for module_name, shape in unet.shapes.items():
+        if module_name not in modules:
+            raise AdapterFileError(f"{name} edits {module_name}, which this model's UNet does not have: "
+                                   "the adapter was made for another model")
+        expected = tuple(modules[module_name].weight.shape)
+        if shape != expected:
+            raise AdapterFileError(f"{name}: {module_name} has shape {shape}, this model's is {expected}: "
+                                   "the adapter was made for another model")
+    return []
+
+
 def _check_marked_for_sd2(metadata: dict[str, str], name: str) -> None:
     if metadata.get("ss_v2", "True") not in ("True", "true") or metadata.get("ss_base_model_version", "sd_v2") not in ("sd_v2", "sd_2.1", "sd_2.0"):
         raise AdapterFileError(f"{name} is marked for {metadata.get('ss_base_model_version')}, not Stable Diffusion 2.x")
@@ -292,9 +359,15 @@ def read_adapter(path, backend: Backend | None = None, allow_other_base: bool = 
     name = Path(path).name
     validate_adapter_tensors(tensors, name)
     _check_marked_for_sd2(metadata, name)
-    deltas = Deltas.from_kohya(tensors)
-    notes = check_against_backend(deltas, metadata, backend, name, allow_other_base) if backend is not None else []
-    return AdapterFile(deltas, metadata, notes)
+    text_tensors, unet_tensors = split_unet(tensors)
+    deltas = Deltas.from_kohya(text_tensors)
+    unet = KVDeltas.from_kohya(unet_tensors) if unet_tensors else None
+    notes = []
+    if backend is not None:
+        notes = check_against_backend(deltas, metadata, backend, name, allow_other_base)
+        if unet is not None:
+            notes += check_unet_against_backend(unet, backend, name)
+    return AdapterFile(deltas, metadata, notes, unet)
 
 
 def read_token(path, backend: Backend | None = None, name: str | None = None) -> ConceptToken:
@@ -369,6 +442,10 @@ def inspect(path) -> dict:
     kind, problem = _problem(tensors, metadata, Path(path).name)
     size = sum(t.numel() * t.element_size() for t in tensors.values())
     summary = {"file": str(path), "kind": kind, "tensors": len(tensors), "bytes": size, "metadata": decoded}
+    if kind == "erasure adapter":
+        text_tensors, unet_tensors = split_unet(tensors)
+        summary["modules"] = {"text_encoder": len({k.partition(".")[0] for k in text_tensors}),
+                              "unet_cross_attention_kv": len({k.partition(".")[0] for k in unet_tensors})}
     if problem:
         summary["problem"] = problem
     return summary
