@@ -43,6 +43,7 @@ from unlearn_core.config import EraseConfig, LoraConfig, TokenConfig
 from unlearn_core.diffusers_backend import DiffusersBackend, load_pipeline
 from unlearn_core.erase import erase
 from unlearn_core.inversion import learn_token
+from unlearn_core.kv_edit import applied
 from unlearn_core.methods import method_config
 from unlearn_core.plots import grid, loss_curve
 from unlearn_core.tokens import ConceptToken, encode
@@ -154,8 +155,9 @@ def attack_prompt_set(concept: str, count: int, token: str, seed: int) -> list[d
 
 
 def generate(pipe, backend, prompts: list[str], seed: int, deltas=None, token=None, steps: int = 20,
-             guidance: float = 4.0) -> torch.Tensor:
-    """Images [N, 3, 32, 32] in [0, 1]; conditioning from the engine (deltas / token spliced in)."""
+             guidance: float = 4.0, unet_deltas=None) -> torch.Tensor:
+    """Images [N, 3, 32, 32] in [0, 1]; conditioning from the engine (deltas / token spliced in), the UNet's
+    key/value edit (``unet_deltas``) hooked while sampling."""
     def conditioning(texts, use_token):
         return encode(backend, texts, token if use_token else None)
 
@@ -168,9 +170,10 @@ def generate(pipe, backend, prompts: list[str], seed: int, deltas=None, token=No
             cond = conditioning(prompts, True)
             uncond = conditioning([""] * len(prompts), False)
         generator = torch.Generator().manual_seed(seed)
-        result = pipe(prompt_embeds=cond.to(pipe.unet.dtype), negative_prompt_embeds=uncond.to(pipe.unet.dtype),
-                      num_inference_steps=steps, guidance_scale=guidance, generator=generator, output_type="np",
-                      height=32, width=32)
+        with applied(unet_deltas, backend):
+            result = pipe(prompt_embeds=cond.to(pipe.unet.dtype), negative_prompt_embeds=uncond.to(pipe.unet.dtype),
+                          num_inference_steps=steps, guidance_scale=guidance, generator=generator, output_type="np",
+                          height=32, width=32)
     return torch.from_numpy(np.asarray(result.images)).permute(0, 3, 1, 2).float()
 
 
@@ -254,9 +257,9 @@ def evaluate(concept: str, method: str, n_images: int, prompt_sets: dict, model_
         config = TokenConfig(token=name, kind=kind, lr=2e-2, seed=token_seed, captions=captions, **budget)
         return learn_token(backend, images, config)
 
-    def count(entries, deltas=None, learned=None) -> tuple[int, torch.Tensor]:
+    def count(entries, deltas=None, learned=None, unet=None) -> tuple[int, torch.Tensor]:
         pictures = generate(pipe, backend, [e["prompt"] for e in entries], seed, deltas=deltas, token=learned,
-                            steps=sample_steps)
+                            steps=sample_steps, unet_deltas=unet)
         return hits(judge, pictures, entries), pictures
 
     attack_entries = lambda name: attack_prompt_set(concept, len(prompt_sets["erase"]), name, seed)  # noqa: E731
@@ -292,7 +295,7 @@ def evaluate(concept: str, method: str, n_images: int, prompt_sets: dict, model_
               "keep": list(config.keep), "contexts": list(config.contexts)}
     log(f"generating and classifying {sum(map(len, prompt_sets.values()))} prompts after erasure")
     for name, entries in prompt_sets.items():
-        after, pictures = count(entries, deltas=result.deltas)
+        after, pictures = count(entries, deltas=result.deltas, unet=result.unet_deltas)
         generated[name] = (generated.get(name), pictures)
         field = "erased" if name == "erase" else name
         report[f"{field}_before"] = measured(before[name], len(entries))
@@ -301,9 +304,9 @@ def evaluate(concept: str, method: str, n_images: int, prompt_sets: dict, model_
 
     log(f"re-learning attack: a fresh token on the erased model ({attack_budget})")
     result.deltas.requires_grad_(False)  # fixed during the attack: only the new token's vectors train
-    with result.deltas.inject(backend.linear):
+    with result.deltas.inject(backend.linear), applied(result.unet_deltas, backend):
         attack = token("<attack>", seed + 1, attack_budget).token
-    recovered, _ = count(attack_entries(attack.name), deltas=result.deltas, learned=attack)
+    recovered, _ = count(attack_entries(attack.name), deltas=result.deltas, learned=attack, unet=result.unet_deltas)
     n_attack = len(prompt_sets["erase"])
     report["ti_token_clean_ci"], report["ti_attack"] = measured(before["ti_token_clean"], n_attack), \
         measured(recovered, n_attack)
