@@ -19,25 +19,16 @@ function clean(value) {
 }
 
 function infoLines(info) {
-  if (!info || typeof info !== "object") return [];
-  const order = ["concept", "synonyms", "token", "method", "steps", "rank", "modules", "strength", "audit",
-                 "seconds_per_step", "final_loss", "final_losses", "saved", "file"];
-  const lines = [];
-  for (const key of order) {
-    if (info[key] === undefined || info[key] === "" || key === "kind") continue;
-    if (key === "audit" && typeof info.audit === "object") {
-      const shift = info.audit.conditioning_shift || {};
-      for (const [prompt, value] of Object.entries(shift)) lines.push(`shift  ${clean(prompt)}: ${clean(value)}`);
-      if (info.audit.attack) lines.push(`attack: ${clean(info.audit.attack)}`);
-      continue;
-    }
-    if (key === "final_losses" && typeof info.final_losses === "object") {
-      for (const [name, value] of Object.entries(info.final_losses)) lines.push(`loss ${clean(name)}: ${Number(value).toPrecision(4)}`);
-      continue;
-    }
-    lines.push(`${key}: ${clean(info[key])}`);
-  }
-  return lines.slice(0, MAX_LINES);
+  // the node's text comes from Python (nodes/host.py display_lines); here it is only bounded and drawn
+  if (!info || !Array.isArray(info.lines)) return [];
+  return info.lines.slice(0, MAX_LINES).map(clean);
+}
+
+function duration(seconds) {
+  if (typeof seconds !== "number" || !isFinite(seconds)) return "";
+  if (seconds < 60) return `${Math.round(seconds)} s`;
+  if (seconds < 3600) return `${Math.floor(seconds / 60)} min`;
+  return `${Math.floor(seconds / 3600)} h ${String(Math.floor((seconds % 3600) / 60)).padStart(2, "0")} min`;
 }
 
 function drawProgress(node, ctx, top, width) {
@@ -51,7 +42,8 @@ function drawProgress(node, ctx, top, width) {
   ctx.fillStyle = "#ddd";
   ctx.font = "12px monospace";
   const losses = Object.entries(p.losses || {}).map(([k, v]) => `${clean(k)} ${v === null ? "nan" : Number(v).toPrecision(3)}`);
-  ctx.fillText(`step ${p.step}/${p.total}  ${losses.join("  ")}`.slice(0, 90), 10, top + 22);
+  const left = p.step < p.total && p.seconds_left > 0 ? `  ~${duration(p.seconds_left)} left` : "";
+  ctx.fillText(`step ${p.step}/${p.total}${left}  ${losses.join("  ")}`.slice(0, 90), 10, top + 22);
   // sparkline of every loss term, each scaled to its own range
   const history = node.__cuHistory || [];
   const h = 40, y0 = top + 30;
@@ -113,13 +105,39 @@ function liveWidget(owner) {
   };
 }
 
+function nodeById(id) {
+  if (id === null || id === undefined) return null;
+  return app.graph?.getNodeById(Number(id)) ?? app.graph?.getNodeById(id) ?? null;
+}
+
+// A node that starts running again shows nothing until its new result arrives (not the previous run's text).
+function clearNode(node) {
+  if (!node || !node.type?.endsWith(SUFFIX)) return;
+  node.__cuLines = [];
+  node.__cuProgress = null;
+  node.__cuHistory = [];
+  fit(node);
+}
+
+// Seeds of new nodes start "fixed": queueing an unchanged graph again is then served from ComfyUI's cache
+// instead of training again (the front end's own default for seed widgets is "randomize").
+function fixSeedControl(node) {
+  for (const widget of node.widgets || []) {
+    if (widget.name === "control_after_generate") widget.value = "fixed";
+  }
+}
+
 app.registerExtension({
   name: "ConceptUnlearn.UI",
 
   setup() {
+    api.addEventListener("executing", ({ detail }) => {
+      const id = detail !== null && typeof detail === "object" ? (detail.display_node ?? detail.node) : detail;
+      clearNode(nodeById(id));
+    });
     api.addEventListener(EVENT, ({ detail }) => {
       if (!detail || detail.node === null || detail.node === undefined) return;
-      const node = app.graph?.getNodeById(Number(detail.node)) ?? app.graph?.getNodeById(detail.node);
+      const node = nodeById(detail.node);
       if (!node) return;
       if (!node.__cuProgress || detail.step <= 1) node.__cuHistory = [];
       node.__cuHistory.push(detail.losses || {});
@@ -136,6 +154,7 @@ app.registerExtension({
     const onNodeCreated = nodeType.prototype.onNodeCreated;
     nodeType.prototype.onNodeCreated = function () {
       const result = onNodeCreated?.apply(this, arguments);
+      fixSeedControl(this);  // a workflow being loaded sets its saved value afterwards (configure)
       this.addCustomWidget(liveWidget(this));
       return result;
     };

@@ -107,23 +107,174 @@ def split_lines(text: str) -> tuple[str, ...]:
     return tuple(line.strip() for line in (text or "").splitlines() if line.strip())
 
 
-def progress_callback(node_id, title: str):
-    """Engine callback: ComfyUI's progress bar, live losses to the front end, and ComfyUI's interrupt."""
+def _interrupt_check():
     import comfy.model_management
+
+    return comfy.model_management.throw_exception_if_processing_interrupted
+
+
+def duration(seconds: float) -> str:
+    """3 s, 4 min 10 s, 1 h 31 min."""
+    seconds = max(0.0, float(seconds))
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
+
+
+class Estimate:
+    """What the rest of a run will cost, from the seconds its steps measured so far."""
+
+    def __init__(self, clock=None):
+        import time
+
+        self.clock = clock or time.monotonic
+        self.start = self.clock()
+        self.first = None  # seconds of step 1 (setup included)
+        self.after_first = None  # clock at step 1
+
+    def update(self, step: int, total: int) -> float:
+        """Seconds left after ``step`` of ``total`` (mean of the steps after the first once there are some)."""
+        now = self.clock()
+        if self.first is None:
+            self.first, self.after_first = now - self.start, now
+        per_step = self.first if step <= 1 else (now - self.after_first) / (step - 1)
+        return per_step * (total - step)
+
+
+def progress_callback(node_id, title: str, check=None, log=None):
+    """Engine callback: ComfyUI's progress bar, live losses to the front end, ComfyUI's interrupt, and after the
+    first step a line saying what the whole run will cost (steps x measured seconds per step)."""
     import comfy.utils
 
-    state = {"bar": None}
+    check = check or _interrupt_check()
+    log = log or _log
+    state = {"bar": None, "estimate": Estimate()}
 
     def callback(info):
         if state["bar"] is None:
             state["bar"] = comfy.utils.ProgressBar(info.total, node_id=node_id)
+        left = state["estimate"].update(info.step, info.total)
+        if info.step == 1 and info.total > 1:
+            first = state["estimate"].first
+            log(f"{title}: step 1 of {info.total} took {duration(first)}; the run will take about "
+                f"{duration(first + left)} in all (Cancel stops it)")
         state["bar"].update_absolute(info.step, info.total)
         send(PROGRESS_EVENT, {"node": str(node_id) if node_id is not None else None, "title": title,
-                              "step": info.step, "total": info.total,
+                              "step": info.step, "total": info.total, "seconds_left": round(left, 1),
                               "losses": {k: (v if math.isfinite(v) else None) for k, v in info.losses.items()}})
-        comfy.model_management.throw_exception_if_processing_interrupted()
+        check()
 
     return callback
+
+
+def _log(message: str) -> None:
+    import logging
+
+    logging.getLogger("concept_unlearn").info(message)
+    print(f"[Concept Unlearn] {message}")
+
+
+class Progress:
+    """One ComfyUI progress bar over several phases (samplings, a token re-learning); every update also
+    checks ComfyUI's interrupt, so Cancel stops the node within one sampling step."""
+
+    def __init__(self, total: int, node_id, check=None):
+        import comfy.utils
+
+        self.total, self.done = max(1, int(total)), 0
+        self.bar = comfy.utils.ProgressBar(self.total, node_id=node_id)
+        self.check = check or _interrupt_check()
+
+    def advance(self, count: int = 1) -> None:
+        self.done = min(self.total, self.done + count)
+        self.bar.update_absolute(self.done, self.total)
+        self.check()
+
+    def sampler_callback(self):
+        """For comfy.sample.sample(callback=...): called once per sampling step."""
+        return lambda step, x0, x, total_steps: self.advance()
+
+    def engine_callback(self):
+        """For the engine's training loops: one count per optimisation step."""
+        return lambda info: self.advance()
+
+
+class Interruptible:
+    """The engine's Backend with ComfyUI's interrupt checked before every UNet and text-encoder pass, so Cancel
+    lands between the passes of a training step (one step of a UNet-loss method can take a minute on a CPU)."""
+
+    def __init__(self, backend, check=None):
+        self._backend = backend
+        self._check = check or _interrupt_check()
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+    def predict(self, x_t, t, cond):
+        self._check()
+        return self._backend.predict(x_t, t, cond)
+
+    def encode_ids(self, ids):
+        self._check()
+        return self._backend.encode_ids(ids)
+
+    def encode_images(self, images):
+        self._check()
+        return self._backend.encode_images(images)
+
+
+def on_cpu() -> bool:
+    """True when ComfyUI runs on the CPU (its --cpu flag or no GPU); False outside ComfyUI."""
+    try:
+        import comfy.model_management as mm
+    except ImportError:
+        return False
+    try:
+        return mm.get_torch_device().type == "cpu"
+    except Exception:  # a broken GPU setup: ComfyUI reports that itself
+        return False
+
+
+def display_lines(info: dict) -> list[str]:
+    """The text the front end draws under a node, one line per entry (the front end only bounds and draws it)."""
+    lines = []
+    for key in ("concept", "synonyms", "token", "method", "steps", "rank", "modules", "strength", "seconds",
+                "seconds_per_step", "final_loss"):
+        value = info.get(key)
+        if value is None or value == "" or value == []:
+            continue
+        if isinstance(value, (list, tuple)):
+            value = ", ".join(str(v) for v in value)
+        lines.append(f"{key.replace('_', ' ')}: {_number(value)}")
+    losses = info.get("final_losses")
+    if isinstance(losses, dict) and losses:
+        terms = dict(losses)
+        total = terms.pop("loss", None)
+        parts = ", ".join(f"{name} {_number(value)}" for name, value in terms.items())
+        if total is None:
+            lines.append(f"final losses: {parts}")
+        else:
+            lines.append(f"final loss: {_number(total)}" + (f" ({parts})" if parts else ""))
+    audit = info.get("audit")
+    if isinstance(audit, dict):
+        for prompt, shift in (audit.get("conditioning_shift") or {}).items():
+            lines.append(f"shift {prompt}: {_number(shift)}")
+        if audit.get("attack"):
+            attack = audit["attack"]
+            lines.append(f"attack: {attack.get('steps')} steps, final loss {_number(attack.get('final_loss'))}"
+                         if isinstance(attack, dict) else f"attack: {attack}")
+    for key in ("removed", "saved", "file"):
+        if info.get(key):
+            lines.append(f"{key}: {info[key]}")
+    return lines
+
+
+def _number(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if math.isfinite(value) else str(value)
+    return str(value)
 
 
 def send(event: str, data: dict) -> None:

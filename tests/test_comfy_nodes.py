@@ -134,7 +134,7 @@ def _adapter(pack):
                                             {"concept": "<b>a red star</b>", "method": "anchor", "steps": 3})
 
 
-def test_save_node_writes_what_apply_uses_and_refuses_overwrite(pack, tmp_path, monkeypatch):
+def test_save_node_writes_what_apply_uses_and_never_replaces_unasked(pack, tmp_path, monkeypatch):
     host = sub("nodes.host")
     adapter_io = sub("unlearn_core.adapter_io")
     monkeypatch.setattr(host, "models_folder", lambda kind: tmp_path / kind)
@@ -151,9 +151,9 @@ def test_save_node_writes_what_apply_uses_and_refuses_overwrite(pack, tmp_path, 
     in_memory = adapter.kohya_tensors()
     assert on_disk.keys() == in_memory.keys()
     assert all(torch.equal(on_disk[k], in_memory[k]) for k in on_disk)  # Apply == LoraLoader(file)
-    with pytest.raises(FileExistsError, match="already exists"):
-        save.run(adapter, "sub/no-star", False)
-    save.run(adapter, "sub/no-star.safetensors", True)
+    # a name already taken gets a counter (as Save Image does), never an error after the work
+    assert save.run(adapter, "sub/no-star", False)["result"][0] == "sub/no-star_00001_.safetensors"
+    assert save.run(adapter, "sub/no-star.safetensors", True)["result"][0] == "sub/no-star.safetensors"
     with pytest.raises(ValueError, match="inside models/loras"):
         save.run(adapter, "../outside", False)
     ui = output["ui"]["concept_unlearn"][0]
