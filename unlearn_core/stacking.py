@@ -9,8 +9,9 @@ parts' ranks. Part i owns rows [start_i, stop_i) of every module's lora_down and
     alpha     = rank of the stack                     (scale 1 for every part)
 
 so up @ down * alpha / rank = sum_i f_i * up_i @ down_i, the parts' deltas added. A module that a part does not
-adapt holds zeros in that part's block: every module has the stack's rank and every part the same rank range in
-every module (hosts and our reader need one rank per file).
+adapt holds zeros in that part's block, and a module of lower rank than the part's widest is padded with zero rows
+and columns: every module has the stack's rank and every part the same rank range in every module (hosts and our
+reader need one rank per file); the record keeps each module's own rank.
 
 The metadata key ``concept_unlearn.stack`` records each part: concept, method, file name, strength, rank range,
 the modules it adapts, its alphas, the dtypes it was stored in and its own metadata (audit included). ``remove``
@@ -40,7 +41,8 @@ STACK_KEY = f"{NAMESPACE}.stack"
 STACK_VERSION = 1
 DOWN, UP, ALPHA = "lora_down.weight", "lora_up.weight", "alpha"
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
-_BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}
+_BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
+         torch.float64: torch.int64}  # integers of the same width, to compare floats bit for bit
 _STACK_DTYPES = (torch.float32, torch.float64)  # tried in this order
 
 
@@ -91,8 +93,14 @@ class Part:
         return sorted({key.partition(".")[0] for key in self.adapter.tensors})
 
     @property
+    def ranks(self) -> dict[str, int]:
+        """Each adapted module's own rank."""
+        return {m: int(self.adapter.tensors[f"{m}.{DOWN}"].shape[0]) for m in self.modules}
+
+    @property
     def rank(self) -> int:
-        return int(self.adapter.tensors[f"{self.modules[0]}.{DOWN}"].shape[0])
+        """The width of this part's block in a stack: its widest module's rank."""
+        return max(self.ranks.values())
 
 
 @dataclass
@@ -227,15 +235,15 @@ def _stored_dtype(part: Part) -> torch.dtype:
 
 def _scales(part: Part) -> dict[str, float]:
     """f = strength * alpha / rank of each module (the factor its lora_up columns carry in the stack)."""
-    rank = part.rank
-    return {m: part.strength * float(part.adapter.tensors[f"{m}.{ALPHA}"]) / rank for m in part.modules}
+    return {m: part.strength * float(part.adapter.tensors[f"{m}.{ALPHA}"]) / r for m, r in part.ranks.items()}
 
 
 def _build(parts: list[Part], fingerprint: dict | None, dtype: torch.dtype) -> StoredAdapter:
     modules: dict[str, _Module] = {}
     for part in parts:
         for m in part.modules:
-            out_features, in_features = part.adapter.tensors[f"{m}.{UP}"].shape[0], part.adapter.tensors[f"{m}.{DOWN}"].shape[1]
+            tensors = part.adapter.tensors
+            out_features, in_features = tensors[f"{m}.{UP}"].shape[0], tensors[f"{m}.{DOWN}"].shape[1]
             known = modules.setdefault(m, _Module(out_features, in_features, part.name))
             if (known.out_features, known.in_features) != (out_features, in_features):
                 raise AdapterFileError(f"{part.name} adapts {m} as [{out_features}, {in_features}], {known.owner} "
@@ -245,12 +253,14 @@ def _build(parts: list[Part], fingerprint: dict | None, dtype: torch.dtype) -> S
     for part in parts:
         scales, rank = _scales(part), part.rank
         for m, module in modules.items():
+            down = torch.zeros(rank, module.in_features, dtype=dtype)
+            up = torch.zeros(module.out_features, rank, dtype=dtype)
             if m in scales:
-                module.downs.append(part.adapter.tensors[f"{m}.{DOWN}"].to(dtype))
-                module.ups.append((part.adapter.tensors[f"{m}.{UP}"].double() * scales[m]).to(dtype))
-            else:
-                module.downs.append(torch.zeros(rank, module.in_features, dtype=dtype))
-                module.ups.append(torch.zeros(module.out_features, rank, dtype=dtype))
+                own = part.adapter.tensors[f"{m}.{DOWN}"].shape[0]
+                down[:own] = part.adapter.tensors[f"{m}.{DOWN}"].to(dtype)
+                up[:, :own] = (part.adapter.tensors[f"{m}.{UP}"].double() * scales[m]).to(dtype)
+            module.downs.append(down)
+            module.ups.append(up)
         records.append(_record(part, start, start + rank))
         start += rank
     total = start
@@ -269,6 +279,7 @@ def _record(part: Part, start: int, stop: int) -> dict:
     return {
         "concept": part.concept, "method": part.method, "file": part.name, "strength": part.strength,
         "ranks": [start, stop], "modules": part.modules,
+        **({"module_ranks": part.ranks} if len(set(part.ranks.values())) > 1 else {}),
         "alpha": values.pop() if len(values) == 1 else alphas,
         "dtypes": {suffix: str(tensors[f"{part.modules[0]}.{suffix}"].dtype).removeprefix("torch.")
                    for suffix in (DOWN, UP, ALPHA)},
@@ -315,11 +326,14 @@ def unstack(stack: StoredAdapter, name: str = "stack") -> list[Part]:
         start, stop = entry["ranks"]
         dtypes = {suffix: _DTYPES[entry["dtypes"][suffix]] for suffix in (DOWN, UP, ALPHA)}
         alphas = entry["alpha"] if isinstance(entry["alpha"], dict) else dict.fromkeys(entry["modules"], entry["alpha"])
+        ranks = _module_ranks(entry)
         tensors = {}
         for m in entry["modules"]:
-            scale = entry["strength"] * alphas[m] / (stop - start)
-            tensors[f"{m}.{DOWN}"] = stack.tensors[f"{m}.{DOWN}"][start:stop].to(dtypes[DOWN]).contiguous()
-            tensors[f"{m}.{UP}"] = (stack.tensors[f"{m}.{UP}"][:, start:stop].double() / scale).to(dtypes[UP]).contiguous()
+            end = start + ranks[m]
+            scale = entry["strength"] * alphas[m] / ranks[m]
+            tensors[f"{m}.{DOWN}"] = stack.tensors[f"{m}.{DOWN}"][start:end].to(dtypes[DOWN]).contiguous()
+            up = stack.tensors[f"{m}.{UP}"][:, start:end].double() / scale
+            tensors[f"{m}.{UP}"] = up.to(dtypes[UP]).contiguous()
             tensors[f"{m}.{ALPHA}"] = torch.tensor(alphas[m], dtype=dtypes[ALPHA])
         _check_other_blocks_are_zero(stack, entry, name)
         part = Part(StoredAdapter(tensors, dict(entry["metadata"])), entry["file"], entry["strength"])
@@ -331,17 +345,24 @@ def unstack(stack: StoredAdapter, name: str = "stack") -> list[Part]:
     return parts
 
 
-def _check_other_blocks_are_zero(stack: StoredAdapter, entry: dict, name: str) -> None:
+def _module_ranks(entry: dict) -> dict[str, int]:
     start, stop = entry["ranks"]
-    adapted = set(entry["modules"])
+    return entry.get("module_ranks") or dict.fromkeys(entry["modules"], stop - start)
+
+
+def _check_other_blocks_are_zero(stack: StoredAdapter, entry: dict, name: str) -> None:
+    """Outside a part's own modules and ranks its block holds zeros (else the file was changed after stacking)."""
+    start, stop = entry["ranks"]
+    ranks = _module_ranks(entry)
     for key, tensor in stack.tensors.items():
         module, _, suffix = key.partition(".")
-        if module in adapted or suffix == ALPHA:
+        if suffix == ALPHA:
             continue
-        block = tensor[start:stop] if suffix == DOWN else tensor[:, start:stop]
+        first = start + ranks.get(module, 0)
+        block = tensor[first:stop] if suffix == DOWN else tensor[:, first:stop]
         if bool(block.any()):
-            raise AdapterFileError(f"{name}: {key} holds values in the rank range of {entry['file']}, which does "
-                                   "not adapt that module: the file was edited after stacking")
+            raise AdapterFileError(f"{name}: {key} holds values in the rank range of {entry['file']} beyond what "
+                                   "that part adapts: the file was edited after stacking")
 
 
 def remove(stack: StoredAdapter, concept: str, name: str = "stack") -> StoredAdapter:
@@ -398,9 +419,10 @@ def _check_record(record, stack: StoredAdapter) -> None:
     for entry in parts:
         if not isinstance(entry, dict):
             raise ValueError("a part is not an object")
-        if entry["ranks"] != [start, entry["ranks"][1]] or not isinstance(entry["ranks"][1], int) or entry["ranks"][1] <= start:
+        stop = entry["ranks"][1]
+        if entry["ranks"] != [start, stop] or isinstance(stop, bool) or not isinstance(stop, int) or stop <= start:
             raise ValueError(f"part {entry.get('file')!r}: rank ranges must follow each other from 0")
-        start = entry["ranks"][1]
+        start = stop
         if _number(entry["strength"], "strength") == 0:
             raise ValueError("a strength is 0")
         if not isinstance(entry["file"], str) or not isinstance(entry["concept"], str):
@@ -414,10 +436,17 @@ def _check_record(record, stack: StoredAdapter) -> None:
             raise ValueError(f"part {entry['file']!r}: alphas do not match its modules")
         for value in alphas:
             _number(value, "alpha")
-        if not isinstance(entry["dtypes"], dict) or any(entry["dtypes"].get(s) not in _DTYPES for s in (DOWN, UP, ALPHA)):
+        module_ranks = entry.get("module_ranks", dict.fromkeys(listed, stop - entry["ranks"][0]))
+        width = stop - entry["ranks"][0]
+        if not isinstance(module_ranks, dict) or set(module_ranks) != set(listed) or not all(
+                isinstance(r, int) and not isinstance(r, bool) and 1 <= r <= width for r in module_ranks.values()):
+            raise ValueError(f"part {entry['file']!r}: its module ranks do not fit its rank range")
+        dtypes = entry["dtypes"]
+        if not isinstance(dtypes, dict) or any(dtypes.get(s) not in _DTYPES for s in (DOWN, UP, ALPHA)):
             raise ValueError(f"part {entry['file']!r}: unknown stored dtypes")
         metadata = entry["metadata"]
-        if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                     for k, v in metadata.items()):
             raise ValueError(f"part {entry['file']!r}: its metadata is not text")
         if STACK_KEY in metadata:
             raise ValueError(f"part {entry['file']!r} is itself a stack")
