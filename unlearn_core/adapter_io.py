@@ -148,7 +148,8 @@ def adapter_metadata(deltas: Deltas, fingerprint: dict | None, info: dict,
     metadata = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": "full" if full else str(deltas.rank),
-        "ss_network_alpha": "full" if full else f"{deltas.alpha:g}",
+        # modules with their own alphas (a file made elsewhere, re-saved): kohya's resize_lora writes "Dynamic"
+        "ss_network_alpha": "full" if full else ("Dynamic" if deltas.uniform_alpha is None else f"{deltas.alpha:g}"),
         "ss_v2": "True",
         "ss_base_model_version": "sd_v2",
         f"{NAMESPACE}.format_version": FORMAT_VERSION,

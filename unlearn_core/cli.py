@@ -98,6 +98,7 @@ def erase_config_from_args(args):
                     preserve=tuple(args.preserve) if args.preserve is not None else None,
                     keep=tuple(args.keep or ()), contexts=tuple(args.context or ()),
                     negative_guidance=args.negative_guidance, adversarial_rounds=args.adversarial_rounds,
+                    unet_kv_edit=args.unet_kv_edit or None,
                     preset=args.preset, last_k=args.last_k,
                     targets=tuple(args.target or ()), mode=args.mode, rank=args.rank, alpha=args.alpha,
                     compress_rank=args.compress_rank)
@@ -125,7 +126,8 @@ def cmd_erase(args) -> None:
     images = _images(args, backend) if args.images else None
     token = read_token(args.token, backend) if args.token else None
     result = erase(backend, config, images, token, _progress(config.total_steps, f"erasing {config.concept!r}"))
-    write_adapter(out, result.deltas, base_fingerprint(backend), result.info(), overwrite=args.force)
+    write_adapter(out, result.deltas, base_fingerprint(backend), result.info(), overwrite=args.force,
+                  unet=result.unet_deltas)
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
     curve = out.with_suffix(".loss.png")
@@ -146,14 +148,22 @@ def apply_adapter_to_pipeline(pipe, backend, path, strength: float, allow_other_
     adapter = read_adapter(path, backend, allow_other_base)
     for note in adapter.notes:
         print(f"note: {note}", file=sys.stderr)
-    if adapter.deltas.mode == "lora":
+    if adapter.deltas.mode == "lora" and adapter.deltas.uniform_alpha is not None:
         pipe.load_lora_weights(str(path), adapter_name="erasure")
         pipe.set_adapters(["erasure"], adapter_weights=[strength])
         return
-    with torch.no_grad():  # diffusers does not read kohya .diff keys; this pipeline is our own copy
+    # Added to our own copy of the pipeline, module by module: kohya .diff keys (diffusers does not read them), and
+    # LoRAs whose modules have their own alphas (diffusers 0.42 keys such alphas by the text encoder's transformers-4
+    # module paths, text_model.encoder...; under transformers 5 they match nothing, peft ignores them with a warning
+    # and every module gets the most common alpha)
+    with torch.no_grad():
         for target in adapter.deltas.targets:
             weight = backend.linear(target).weight
             weight += strength * adapter.deltas.delta_weight(target).to(device=weight.device, dtype=weight.dtype)
+        for name, module in (backend.cross_attention_kv().items() if adapter.unet is not None else ()):
+            if name in adapter.unet.names:  # the UNet key/value edit, added the same way
+                delta = adapter.unet.delta_weight(name)
+                module.weight += strength * delta.to(module.weight.device, module.weight.dtype)
 
 
 def cmd_generate(args) -> None:
@@ -279,6 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adversarial-rounds", type=int, default=None,
                    help="contextual, robust option: rounds of a token learned against the adapter from --images, "
                         "then erased too (default 0; 2 is the hosts' 'robust'; each round costs 100 token steps)")
+    p.add_argument("--unet-kv-edit", action="store_true",
+                   help="contextual: after the text encoder, also edit the UNet's cross-attention keys/values in "
+                        "closed form (seconds; the concept's directions are mapped onto the neighbours'/anchor's, so "
+                        "a token re-learned later reads less of it); saved in the same file as kohya "
+                        "lora_unet_*attn2_to_k/to_v keys, which diffusers, ComfyUI and A1111 load. Command line and "
+                        "Python only for now")
     p.add_argument("--negative-guidance", type=float, default=None,
                    help="contextual: push the concept's conditioning this many times past the anchor (default 1)")
     p.add_argument("--preserve", action="append", help="a prompt whose conditioning must not change (repeatable; "

@@ -46,7 +46,14 @@ class EraseResult:
             "final_losses": self.history[-1] if self.history else {},
             "seconds": round(self.seconds, 2), "unet_calls": self.unet_calls,
             "unet_samples": self.unet_samples,
-        } | ({"notes": list(self.notes)} if self.notes else {})
+        } | ({"notes": list(self.notes)} if self.notes else {}) | (
+            {"compression": self.compression()} if self.deltas.compression_error is not None else {})
+
+    def compression(self) -> dict:
+        """How far the saved LoRA is from the full-weight deltas it was compressed from (relative Frobenius error)."""
+        error = self.deltas.compression_error
+        return {"rank": self.deltas.rank, "method": "randomised SVD", "relative_error": round(error["total"], 6),
+                "max_module_relative_error": round(error["max_module"], 6)}
 
 
 def erase_subjects(config: EraseConfig, token: ConceptToken | None) -> list[str]:
@@ -131,10 +138,12 @@ def _new_deltas(backend: Backend, config: EraseConfig) -> Deltas:
 
 def _result(deltas: Deltas, config: EraseConfig, history, start: float, counter: PassCounter | None,
             token: ConceptToken | None, notes=()) -> EraseResult:
-    deltas, notes = deltas.cpu(), list(notes)
-    if config.lora.compress_rank:
-        deltas = deltas.compress(config.lora.compress_rank)
-        notes.append(f"full-weight deltas compressed to a rank-{config.lora.compress_rank} LoRA by SVD")
+    notes = list(notes)
+    if config.lora.compress_rank:  # on the training device, before the deltas leave it
+        deltas = deltas.compress(config.lora.compress_rank, seed=config.seed)
+        notes.append(f"full-weight deltas compressed to a rank-{config.lora.compress_rank} LoRA by SVD (randomised; "
+                     f"relative error {deltas.compression_error['total']:.3g})")
+    deltas = deltas.cpu()
     calls, samples = (counter.calls, counter.samples) if counter else (0, 0)
     return EraseResult(deltas, config, history, time.perf_counter() - start, calls, samples,
                        token.name if token else None, notes)

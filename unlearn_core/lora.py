@@ -1,7 +1,7 @@
 """Trainable deltas on text-encoder projections, added through forward hooks.
 
 Verbs: ``inject`` (hooks on, in a with-block), ``off`` (compute the frozen model),
-``to_kohya`` / ``from_kohya`` (file tensors), ``compress`` (full -> LoRA by SVD).
+``to_kohya`` / ``from_kohya`` (file tensors), ``compress`` (full -> LoRA by randomised SVD).
 The hooked modules and their weights are never replaced or written.
 """
 from __future__ import annotations
@@ -21,7 +21,9 @@ MODES = ("lora", "full")
 class Deltas(nn.Module):
     """Additive deltas ``y += delta_W @ x`` on a set of targets.
 
-    lora: delta_W = (alpha / rank) * up @ down, down [rank, in] random, up [out, rank] zero.
+    lora: delta_W = (alpha / rank) * up @ down, down [rank, in] random, up [out, rank] zero. ``alpha`` is
+          per module (``alphas``): trained deltas share one, files may give each module its own (kohya stores
+          one ``.alpha`` per module, and every host scales each module by its own).
     full: delta_W is a dense [out, in] tensor starting at zero (training it is full fine-tuning
           of that weight, without touching the weight itself).
     """
@@ -40,6 +42,9 @@ class Deltas(nn.Module):
         self.alpha = float(alpha if alpha is not None else rank) if mode == "lora" else 0.0
         self.targets = sorted(shapes)
         self.shapes = dict(shapes)
+        self.alphas = {_key(t): self.alpha for t in self.targets}
+        # set by compress(): relative Frobenius error of the LoRA against the full deltas it approximates
+        self.compression_error: dict[str, float] | None = None
         self.active = True
         self.down = nn.ParameterDict()
         self.up = nn.ParameterDict()
@@ -55,14 +60,20 @@ class Deltas(nn.Module):
             else:
                 self.diff[_key(t)] = nn.Parameter(torch.zeros(out_features, in_features))
 
+    def scale(self, target: Target) -> float:
+        """This module's LoRA scale, its own alpha / rank (1 for full deltas)."""
+        return self.alphas[_key(target)] / self.rank if self.mode == "lora" else 1.0
+
     @property
-    def lora_scale(self) -> float:
-        return self.alpha / self.rank if self.mode == "lora" else 1.0
+    def uniform_alpha(self) -> float | None:
+        """The alpha every module shares, or None when modules have their own (files made elsewhere)."""
+        values = set(self.alphas.values())
+        return values.pop() if len(values) == 1 else None
 
     def delta_weight(self, target: Target) -> torch.Tensor:
         k = _key(target)
         if self.mode == "lora":
-            return self.lora_scale * self.up[k] @ self.down[k]
+            return self.scale(target) * self.up[k] @ self.down[k]
         return self.diff[k]
 
     def apply(self, target: Target, x: torch.Tensor) -> torch.Tensor:
@@ -70,7 +81,7 @@ class Deltas(nn.Module):
         k = _key(target)
         x = x.to(torch.float32)
         if self.mode == "lora":
-            y = (x @ self.down[k].t()) @ self.up[k].t() * self.lora_scale
+            y = (x @ self.down[k].t()) @ self.up[k].t() * self.scale(target)
         else:
             y = x @ self.diff[k].t()
         return y
@@ -113,14 +124,14 @@ class Deltas(nn.Module):
             if self.mode == "lora":
                 tensors[f"{t.kohya_name}.lora_down.weight"] = self.down[k].detach().to(dtype).contiguous().cpu()
                 tensors[f"{t.kohya_name}.lora_up.weight"] = self.up[k].detach().to(dtype).contiguous().cpu()
-                tensors[f"{t.kohya_name}.alpha"] = torch.tensor(self.alpha, dtype=dtype)
+                tensors[f"{t.kohya_name}.alpha"] = torch.tensor(self.alphas[k], dtype=dtype)
             else:
                 tensors[f"{t.kohya_name}.diff"] = self.diff[k].detach().to(dtype).contiguous().cpu()
         return tensors
 
     @classmethod
     def from_kohya(cls, tensors: dict[str, torch.Tensor]) -> "Deltas":
-        """Rebuild deltas from file tensors (already validated by adapter_io)."""
+        """Rebuild deltas from file tensors (already validated by adapter_io); each module keeps its own alpha."""
         names = {}
         for key in tensors:
             base, _, suffix = key.partition(".")
@@ -135,29 +146,51 @@ class Deltas(nn.Module):
                 deltas.diff[_key(Target.from_kohya(n))].data.copy_(p["diff"].float())
             return deltas
         rank = parts["lora_down.weight"].shape[0]
-        alpha = float(parts["alpha"])
         shapes = {Target.from_kohya(n): (p["lora_up.weight"].shape[0], p["lora_down.weight"].shape[1])
                   for n, p in names.items()}
-        deltas = cls(shapes, mode="lora", rank=rank, alpha=alpha)
+        deltas = cls(shapes, mode="lora", rank=rank, alpha=float(parts["alpha"]))
         for n, p in names.items():
             k = _key(Target.from_kohya(n))
+            deltas.alphas[k] = float(p["alpha"])
             deltas.down[k].data.copy_(p["lora_down.weight"].float())
             deltas.up[k].data.copy_(p["lora_up.weight"].float())
+        deltas.alpha = deltas.alphas[_key(deltas.targets[0])]
         return deltas
 
-    def compress(self, rank: int) -> "Deltas":
-        """A LoRA of the given rank closest (in Frobenius norm) to these deltas, by truncated SVD."""
-        lora = Deltas(self.shapes, mode="lora", rank=rank, alpha=rank)
-        with torch.no_grad():
+    def compress(self, rank: int, oversample: int = 8, power_iterations: int = 4, seed: int = 0) -> "Deltas":
+        """A rank-``rank`` LoRA close (in Frobenius norm) to these deltas, on their device.
+
+        A randomised low-rank SVD (``torch.svd_lowrank``: ``rank + oversample`` random directions refined by
+        ``power_iterations`` power iterations) costs O(out * in * rank) per module where a full SVD costs
+        O(out * in * min(out, in)); its result is measured, not assumed: ``compression_error`` of the returned
+        deltas holds the relative error ||delta - LoRA||_F / ||delta||_F overall ("total") and the largest over
+        the modules ("max_module"), computed exactly."""
+        if rank < 1:
+            raise ValueError(f"compress: rank must be >= 1, got {rank}")
+        device = next(iter(self.parameters())).device
+        lora = Deltas(self.shapes, mode="lora", rank=rank, alpha=rank).to(device)
+        residual, energy, module_errors = [], [], []
+        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)  # svd_lowrank draws its random directions from the global generator
             for t in self.targets:
-                u, s, vh = torch.linalg.svd(self.delta_weight(t).float(), full_matrices=False)
-                r = min(rank, s.numel())
-                up = torch.zeros(self.shapes[t][0], rank)
-                down = torch.zeros(rank, self.shapes[t][1])
+                delta = self.delta_weight(t).float()
+                r = min(rank, *delta.shape)
+                q = min(r + oversample, *delta.shape)
+                u, s, v = torch.svd_lowrank(delta, q=q, niter=power_iterations)
+                up = torch.zeros(self.shapes[t][0], rank, device=device)
+                down = torch.zeros(rank, self.shapes[t][1], device=device)
                 up[:, :r] = u[:, :r] * s[:r]
-                down[:r] = vh[:r]
+                down[:r] = v[:, :r].t()
                 lora.up[_key(t)].copy_(up)
                 lora.down[_key(t)].copy_(down)
+                diff = (delta - up @ down).pow(2).sum()
+                norm = delta.pow(2).sum()
+                residual.append(diff)
+                energy.append(norm)
+                module_errors.append((diff / norm.clamp_min(torch.finfo(norm.dtype).tiny)).sqrt())
+        total = (torch.stack(residual).sum() / torch.stack(energy).sum().clamp_min(torch.finfo(torch.float32).tiny)).sqrt()
+        total, worst = torch.stack([total, torch.stack(module_errors).max()]).cpu().tolist()  # one transfer
+        lora.compression_error = {"total": total, "max_module": worst}
         return lora
 
 
