@@ -228,3 +228,22 @@ def test_backend_for_a_loaded_pipeline_is_unchanged_by_the_edit(pipe):
     after = pipe.unet.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())
     assert not any(m._forward_hooks for m in backend.cross_attention_kv().values())
+
+
+def test_cli_erase_with_unet_kv_edit_writes_one_file_that_generate_applies(capsys, tiny_model_dir, tmp_path):
+    from unlearn_core.cli import main
+
+    adapter = tmp_path / "no-square.safetensors"
+    assert main(["erase", "--model", str(tiny_model_dir), "--concept", CONCEPT, "--keep", "a blue square",
+                 "--steps", "2", "--unet-kv-edit", "--out", str(adapter)]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(adapter)]) == 0
+    summary = __import__("json").loads(capsys.readouterr().out)
+    assert summary["modules"]["unet_cross_attention_kv"] == len(DiffusersBackend(load_pipeline(tiny_model_dir))
+                                                                 .cross_attention_kv())
+    assert summary["metadata"]["concept_unlearn.unet_kv_edit"]["rank"] >= 1
+    assert main(["generate", "--model", str(tiny_model_dir), "--adapter", str(adapter), "--prompt", CONCEPT,
+                 "--sample-steps", "2", "--out", str(tmp_path / "after.png")]) == 0
+    assert main(["erase", "--model", str(tiny_model_dir), "--concept", CONCEPT, "--method", "anchor",
+                 "--unet-kv-edit", "--out", str(tmp_path / "refused.safetensors")]) == 2
+    assert "unet_kv_edit" in capsys.readouterr().err
