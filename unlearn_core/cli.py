@@ -148,11 +148,15 @@ def apply_adapter_to_pipeline(pipe, backend, path, strength: float, allow_other_
     adapter = read_adapter(path, backend, allow_other_base)
     for note in adapter.notes:
         print(f"note: {note}", file=sys.stderr)
-    if adapter.deltas.mode == "lora":
+    if adapter.deltas.mode == "lora" and adapter.deltas.uniform_alpha is not None:
         pipe.load_lora_weights(str(path), adapter_name="erasure")
         pipe.set_adapters(["erasure"], adapter_weights=[strength])
         return
-    with torch.no_grad():  # diffusers does not read kohya .diff keys; this pipeline is our own copy
+    # Added to our own copy of the pipeline, module by module: kohya .diff keys (diffusers does not read them), and
+    # LoRAs whose modules have their own alphas (diffusers 0.42 keys such alphas by the text encoder's transformers-4
+    # module paths, text_model.encoder...; under transformers 5 they match nothing, peft ignores them with a warning
+    # and every module gets the most common alpha)
+    with torch.no_grad():
         for target in adapter.deltas.targets:
             weight = backend.linear(target).weight
             weight += strength * adapter.deltas.delta_weight(target).to(device=weight.device, dtype=weight.dtype)
