@@ -143,14 +143,14 @@ class Estimate:
         return per_step * (total - step)
 
 
-def progress_callback(node_id, title: str, check=None, log=None):
+def progress_callback(node_id, title: str, check=None, log=None, clock=None):
     """Engine callback: ComfyUI's progress bar, live losses to the front end, ComfyUI's interrupt, and after the
     first step a line saying what the whole run will cost (steps x measured seconds per step)."""
     import comfy.utils
 
     check = check or _interrupt_check()
     log = log or _log
-    state = {"bar": None, "estimate": Estimate()}
+    state = {"bar": None, "estimate": Estimate(clock)}
 
     def callback(info):
         if state["bar"] is None:
