@@ -17,6 +17,10 @@ Checked against ComfyUI 0.3.64 (Comfy-Org/ComfyUI a125cd8):
   form (x_t, integer t, raw epsilon / v output) with the model's own model_sampling.
 - Weights are loaded through comfy.model_management.load_models_gpu (force_full_load) on clones of the
   patchers; nothing is added to the user's patchers.
+- comfy/text_encoders/sd2_clip.py SD2ClipHModel conditions on the penultimate layer (layer "hidden", layer_idx -2);
+  CLIPSetLastLayer (comfy.sd.CLIP.clip_layer, default -1) changes that for every later encode. Training always
+  uses SD 2.x's penultimate layer, whatever the CLIP input was set to: the file's layers are 0..22, as A1111 and
+  diffusers read them (at -1 the "final" preset would adapt layer 23, which their SD2 conditioning never uses).
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from torch import nn
 from ..unlearn_core.backend import NoiseSchedule, UnsupportedModelError
 from ..unlearn_core.targets import Target
 
+SD2_LAYER = -2  # SD 2.x conditions on the penultimate layer of its text encoder
 PROJ_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
                 "out": "self_attn.out_proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
 
@@ -135,20 +140,17 @@ class TextEncoderView:
     def _conditioning_layers(self, total: int) -> int:
         self._set_clip_options()
         try:
-            if self.text.layer == "last":
-                return total
-            if self.text.layer != "hidden":
-                raise UnsupportedModelError(f"CLIP output mode {self.text.layer!r} is not supported")
-            idx = self.text.layer_idx
-            return idx + 1 if idx >= 0 else total + idx + 1
+            if self.text.layer != "hidden" or self.text.layer_idx != SD2_LAYER:
+                raise UnsupportedModelError(f"the CLIP text encoder cannot stop at SD 2.x's penultimate layer "
+                                            f"(output mode {self.text.layer!r}): load an SD 2.0/2.1 checkpoint")
+            return total + SD2_LAYER + 1
         finally:
             self.text.reset_clip_options()
 
     def _set_clip_options(self):
-        # as comfy.sd.CLIP.encode_from_tokens does
+        # as comfy.sd.CLIP.encode_from_tokens does, but at SD 2.x's own layer, not the CLIP input's clip_layer
         self.text.reset_clip_options()
-        if self.clip.layer_idx is not None:
-            self.text.set_clip_options({"layer": self.clip.layer_idx})
+        self.text.set_clip_options({"layer": SD2_LAYER})
 
     def linear(self, target: Target) -> nn.Module:
         if not 0 <= target.layer < len(self._layers):
@@ -187,6 +189,7 @@ class ComfyBackend(TextEncoderView):
         comfy = _comfy()
         mm = comfy.model_management
         with ExitStack() as stack:
+            stack.callback(mm.soft_empty_cache)  # runs last, also after an error or a cancel
             stack.enter_context(torch.inference_mode(False))
             stack.enter_context(torch.enable_grad())
             if images is not None and len(images):
@@ -203,7 +206,6 @@ class ComfyBackend(TextEncoderView):
                 handles.append(layer.layer_norm1.register_forward_pre_hook(_clone_input))
                 handles.append(layer.layer_norm2.register_forward_pre_hook(_clone_input))
             yield self
-        mm.soft_empty_cache()
 
     # ------------------------------------------------------------------ Backend protocol
 
