@@ -68,9 +68,11 @@ def cmd_learn_token(args) -> None:
     from .config import TokenConfig
     from .images import find_images
     from .inversion import learn_token
+    from .cli_checks import check_token_name_option
     from .tokens import check_token_is_not_a_word
 
-    config = TokenConfig(token=args.token, n_vectors=args.vectors, init_word=args.init_word, kind=args.kind,
+    check_token_name_option(args.name)
+    config = TokenConfig(token=args.name, n_vectors=args.vectors, init_word=args.init_word, kind=args.kind,
                          steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
     check_token_is_not_a_word(config.token)
     out = _check_out(args.out, args.force, ".safetensors")
@@ -114,6 +116,7 @@ def _erase_defaults() -> dict:
 
 def cmd_erase(args) -> None:
     from .adapter_io import base_fingerprint, read_token, write_adapter
+    from .cli_checks import check_token_file_option
     from .erase import erase
     from .images import find_images
     from .plots import loss_curve
@@ -122,9 +125,10 @@ def cmd_erase(args) -> None:
     out = _check_out(args.out, args.force, ".safetensors")
     if args.images:
         find_images(args.images)
+    check_token_file_option(args.token_file)
     _, backend = _load(args)
     images = _images(args, backend) if args.images else None
-    token = read_token(args.token, backend) if args.token else None
+    token = read_token(args.token_file, backend) if args.token_file else None
     result = erase(backend, config, images, token, _progress(config.total_steps, f"erasing {config.concept!r}"))
     write_adapter(out, result.deltas, base_fingerprint(backend), result.info(), overwrite=args.force,
                   unet=result.unet_deltas)
@@ -170,14 +174,15 @@ def cmd_generate(args) -> None:
     import torch
 
     from .adapter_io import read_token
-    from .cli_checks import check_generate_options
+    from .cli_checks import check_generate_options, check_token_file_option
 
     check_generate_options(args.strength, args.sample_steps)
     out = _check_out(args.out, args.force)
+    check_token_file_option(args.token_file)
     pipe, backend = _load(args)
-    if args.token:
-        token = read_token(args.token, backend)
-        pipe.load_textual_inversion(args.token, token=token.name)
+    if args.token_file:
+        token = read_token(args.token_file, backend)
+        pipe.load_textual_inversion(args.token_file, token=token.name)
     if args.adapter:
         apply_adapter_to_pipeline(pipe, backend, args.adapter, args.strength, args.force_base)
     size = args.resolution or backend.resolution
@@ -253,7 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("learn-token", help="learn a concept token (textual inversion) from example images")
     _model_options(p)
     p.add_argument("--images", required=True, help="folder with 1 or more example images")
-    p.add_argument("--token", required=True, help="token name used in prompts, e.g. <my-cat>")
+    p.add_argument("--name", "--token", dest="name", required=True, metavar="NAME",
+                   help="the token's name as you will write it in prompts, e.g. <my-cat> (the file goes in --out; "
+                        "--token is the older spelling of this option)")
     p.add_argument("--out", required=True, help="output .safetensors (emb_params; loads in ComfyUI, A1111, diffusers)")
     p.add_argument("--vectors", type=int, default=1, help="number of embedding vectors (default 1)")
     p.add_argument("--init-word", default="object", help="word whose embedding starts the token (default object)")
@@ -269,7 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(p)
     p.add_argument("--concept", required=True, help="the concept as it appears in prompts, e.g. 'a red star'")
     p.add_argument("--images", help="folder with 4-5 example images (needed by methods fewshot and weighted)")
-    p.add_argument("--token", help="a learned concept token file to erase as well")
+    p.add_argument("--token-file", "--token", dest="token_file", metavar="FILE",
+                   help="a concept token file written by learn-token (its --out), whose name is erased as well "
+                        "(--token is the older spelling of this option)")
     p.add_argument("--synonym", action="append", help="another phrase for the concept (repeatable)")
     p.add_argument("--method", choices=[m for m in METHODS if m != "fewshot-paper"], default=DEFAULT_METHOD,
                    help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values() if m.name != "fewshot-paper")
@@ -328,7 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="erasure adapter .safetensors to apply")
     p.add_argument("--strength", type=float, default=1.0, help="adapter strength (default 1.0)")
     p.add_argument("--force-base", action="store_true", help="apply an adapter made for another base model anyway")
-    p.add_argument("--token", help="concept token .safetensors; its name (from the file) can be used in --prompt")
+    p.add_argument("--token-file", "--token", dest="token_file", metavar="FILE",
+                   help="a concept token file written by learn-token; its name (recorded in the file) can be used "
+                        "in --prompt (--token is the older spelling of this option)")
     p.add_argument("--sample-steps", type=int, default=25, help="sampling steps (default 25)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     p.add_argument("--seed", type=seed_value, default=0, help="sampling seed")

@@ -9,7 +9,7 @@ from pathlib import Path
 MAX_SEED = 2 ** 64 - 1  # torch.Generator.manual_seed's range
 # what --paper-settings keeps from the command line; every other erase option is fixed by the paper's recipe
 PAPER_SETTINGS_KEEP = {"command", "func", "model", "prediction_type", "device", "dtype", "resolution", "force",
-                       "concept", "images", "token", "synonym", "kind", "seed", "out", "paper_settings", "rank",
+                       "concept", "images", "token_file", "synonym", "kind", "seed", "out", "paper_settings", "rank",
                        "method"}
 
 
@@ -45,6 +45,26 @@ def check_device(name: str | None) -> None:
         raise ValueError(f"--device {name}: Apple's MPS is not available here; leave --device out to use the CPU")
     elif device.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"--device {name}: only cpu, cuda and mps are supported")
+
+
+def check_token_name_option(name: str) -> None:
+    """learn-token's --name is the token's name in prompts, not a file."""
+    if name.strip().lower().endswith(".safetensors") or "/" in name or "\\" in name:
+        raise ValueError(f"--name {name}: give the token's name as you will write it in prompts, e.g. <my-cat>; "
+                         "the file it is saved to goes in --out")
+
+
+def check_token_file_option(path: str | None) -> None:
+    """erase's and generate's --token-file is the file learn-token wrote, not a token name."""
+    if path is None:
+        return
+    file = Path(path)
+    if file.is_file():
+        return
+    if file.suffix.lower() != ".safetensors":
+        raise ValueError(f"--token-file {path}: give the .safetensors file learn-token wrote (its --out), e.g. "
+                         "my-cat.safetensors, not the token's name (the name is read from the file)")
+    raise ValueError(f"--token-file {path}: no such file")
 
 
 def check_generate_options(strength: float, sample_steps: int) -> None:

@@ -35,10 +35,10 @@ def run_demo(out: Path, force: bool = False) -> None:
     flag = ["--force"] if force else []
     print("NOTE: this demo model has random weights; it shows the flow, not erasure quality.")
     steps = [
-        ["learn-token", "--model", str(model), "--images", str(images), "--token", "<red-circle>",
+        ["learn-token", "--model", str(model), "--images", str(images), "--name", "<red-circle>",
          "--steps", "30", "--out", str(out / "red-circle.safetensors")],
         ["erase", "--model", str(model), "--concept", "a red circle", "--synonym", "a red disc",
-         "--images", str(images), "--token", str(out / "red-circle.safetensors"), "--steps", "20",
+         "--images", str(images), "--token-file", str(out / "red-circle.safetensors"), "--steps", "20",
          "--out", str(out / "erase-red-circle.safetensors")],
         ["inspect", str(out / "erase-red-circle.safetensors")],
         ["generate", "--model", str(model), "--prompt", "a red circle", "--sample-steps", "10",
