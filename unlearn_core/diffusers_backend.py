@@ -160,6 +160,14 @@ def _check_weight_files(folder: Path) -> None:
                                  f"({_first_line(error)}): re-download or re-save the model") from None
 
 
+def _dtype_option(dtype) -> dict:
+    """The loaders' dtype keyword: recent diffusers take ``dtype=`` and warn (FutureWarning) on every call with
+    ``torch_dtype=`` (diffusers PR 14205, which added utils._resolve_dtype); older ones know only ``torch_dtype=``."""
+    import diffusers.utils
+
+    return {"dtype" if hasattr(diffusers.utils, "_resolve_dtype") else "torch_dtype": dtype}
+
+
 def load_pipeline(path, prediction_type: str | None = None, dtype: torch.dtype = torch.float32,
                   config_dir: str | Path = CONFIG_DIR):
     """A StableDiffusionPipeline from a diffusers folder or a single SD2 .safetensors/.ckpt file.
@@ -179,7 +187,7 @@ def load_pipeline(path, prediction_type: str | None = None, dtype: torch.dtype =
             raise ModelLoadError(f"{path} is a folder without model_index.json: not a diffusers model folder")
         _check_weight_files(path)
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True, torch_dtype=dtype,
+            pipe = StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True, **_dtype_option(dtype),
                                                            safety_checker=None, requires_safety_checker=False)
         except Exception as error:  # diffusers and transformers raise many types for damaged or incomplete folders
             raise ModelLoadError(f"{path} does not load as a diffusers SD2 folder ({error.__class__.__name__}: "
@@ -193,7 +201,7 @@ def load_pipeline(path, prediction_type: str | None = None, dtype: torch.dtype =
             prediction_type = "epsilon" if re.search(r"512|base", path.name, re.I) else "v_prediction"
         try:
             pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(config_dir), local_files_only=True,
-                                                            torch_dtype=dtype, safety_checker=None,
+                                                            **_dtype_option(dtype), safety_checker=None,
                                                             requires_safety_checker=False)
         except Exception as error:  # diffusers raises several types for incomplete or other-sized checkpoints
             raise ModelLoadError(f"{path.name} does not load with the configs in {config_dir} "
