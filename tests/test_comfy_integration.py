@@ -324,8 +324,8 @@ def test_saved_adapter_through_stock_loraloader_equals_apply(pack, comfy_models)
         adapter, _ = result(node(pack, "UnlearnConceptLoRA").run(model, clip, vae, **erase_inputs()))
         name = result(node(pack, "SaveErasureAdapter").run(adapter, "test/apply-equals-loader", True))[0]
         assert (models_dir / "loras" / name).is_file()
-        with pytest.raises(FileExistsError, match="already exists"):
-            node(pack, "SaveErasureAdapter").run(adapter, "test/apply-equals-loader", False)
+        again = result(node(pack, "SaveErasureAdapter").run(adapter, "test/apply-equals-loader", False))[0]
+        assert again == "test/apply-equals-loader_00001_.safetensors"  # a counter, never an error after the work
         applied = result(node(pack, "ApplyErasureAdapter").run(clip, 0.8, "(connected adapter)", adapter))[0]
         from_file = result(node(pack, "ApplyErasureAdapter").run(clip, 0.8, name))[0]
         _, stock = comfy_nodes.LoraLoader().load_lora(model, clip, name, 1.0, 0.8)
@@ -367,6 +367,94 @@ def test_learn_token_saves_an_embedding_comfyui_loads(pack, comfy_models):
 
 
 
+# ---------------------------------------------------------------------------- as a user runs it (issue 15 item 4)
+
+class Hook:
+    """ComfyUI's progress-bar hook (main.py installs one that also checks the interrupt): records updates and
+    presses Cancel at the given update."""
+
+    def __init__(self, cancel_at=None):
+        self.updates, self.cancel_at = [], cancel_at
+
+    def __call__(self, value, total, preview, node_id=None, prompt_id=None):
+        import comfy.model_management as mm
+
+        self.updates.append((value, total, node_id))
+        if self.cancel_at is not None and len(self.updates) >= self.cancel_at:
+            mm.interrupt_current_processing(True)
+        mm.throw_exception_if_processing_interrupted()
+
+
+@pytest.fixture
+def progress_hook():
+    import comfy.model_management as mm
+    import comfy.utils
+
+    previous = comfy.utils.PROGRESS_BAR_HOOK
+    hooks = []
+
+    def install(cancel_at=None):
+        hook = Hook(cancel_at)
+        comfy.utils.set_progress_bar_global_hook(hook)
+        hooks.append(hook)
+        return hook
+    yield install
+    comfy.utils.set_progress_bar_global_hook(previous)
+    mm.interrupt_current_processing(False)
+
+
+AUDIT = dict(prompts="a photo of a red square\na photo of a dog", negative="", strength=1.0, seed=0, steps=3,
+             cfg=7.0, sampler_name="euler", scheduler="normal", width=64, height=64, attack_steps=0)
+
+
+def test_audit_shows_progress_and_stops_on_cancel(pack, comfy_models, progress_hook):
+    import comfy.model_management as mm
+
+    model, clip, vae, _ = comfy_models
+    with torch.inference_mode():
+        adapter, _ = result(node(pack, "UnlearnConceptLoRA").run(model, clip, vae, **erase_inputs(steps=1)))
+        hook = progress_hook()
+        node(pack, "ErasureAudit").run(model, clip, vae, adapter, **AUDIT, unique_id="6")
+        assert [v for v, _, _ in hook.updates] == list(range(1, 2 * 2 * 3 + 1))  # every sampling step, one bar
+        assert {(t, n) for _, t, n in hook.updates} == {(12, "6")}
+        hook = progress_hook(cancel_at=2)  # Cancel pressed during the first image
+        with pytest.raises(mm.InterruptProcessingException):
+            node(pack, "ErasureAudit").run(model, clip, vae, adapter, **AUDIT, unique_id="6")
+    assert len(hook.updates) == 2
+
+
+def test_unlearn_cancel_lands_within_a_step(pack, comfy_models, progress_hook, monkeypatch):
+    """Cancel is checked before every UNet / text-encoder pass: pressed during step 1, no step completes."""
+    import comfy.model_management as mm
+
+    model, clip, vae, _ = comfy_models
+    before = Snapshot(model, clip)
+    hook = progress_hook()
+    original = mm.throw_exception_if_processing_interrupted
+    checks = []
+
+    def check():
+        checks.append(1)
+        if len(checks) == 3:
+            mm.interrupt_current_processing(True)  # pressed while the first step is running
+        original()
+    monkeypatch.setattr(mm, "throw_exception_if_processing_interrupted", check)
+    with torch.inference_mode(), pytest.raises(mm.InterruptProcessingException):
+        node(pack, "UnlearnConceptLoRA").run(model, clip, vae, **erase_inputs(steps=3), unique_id="5")
+    assert hook.updates == [] and len(checks) == 3  # stopped at the next pass, before step 1 ended
+    before.assert_unchanged()
+
+
+@pytest.mark.parametrize("method", ["anchor", "contextual"])
+def test_methods_without_images_run_with_none_connected(pack, comfy_models, method):
+    model, clip, vae, _ = comfy_models
+    inputs = erase_inputs(steps=1, method=method)
+    del inputs["images"]
+    with torch.inference_mode():
+        adapter, _ = result(node(pack, "UnlearnConceptLoRA").run(model, clip, vae, **inputs))
+    assert adapter.info["method"] == method and adapter.info["steps"] == 1
+
+
 # ---------------------------------------------------------------------------- ComfyUI over HTTP
 
 WORKFLOWS = REPO / "example_workflows"
@@ -402,8 +490,6 @@ def server(checkpoint, tmp_path_factory):
     import subprocess
     import time
 
-    from PIL import Image
-
     base = tmp_path_factory.mktemp("comfy-base")
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / "concept-unlearn").symlink_to(REPO, target_is_directory=True)
@@ -412,10 +498,8 @@ def server(checkpoint, tmp_path_factory):
     (base / "input").mkdir()
     (base / "user" / "default").mkdir(parents=True)  # a returning user: no first-visit template dialog
     (base / "user" / "default" / "comfy.settings.json").write_text(json.dumps({"Comfy.TutorialCompleted": True}))
-    for i in (1, 2):
-        picture = Image.new("RGB", (64, 64), (230, 230, 230))
-        picture.paste((200, 20, 20), (16 + i, 16, 48, 48 - i))
-        picture.save(base / "input" / f"example_{i}.png")
+    for shipped in sorted((REPO / "examples" / "images" / "red-star").glob("*.png")):  # what the workflows load
+        (base / "input" / shipped.name).write_bytes(shipped.read_bytes())
     port = _free_port()
     log = open(base / "comfyui.log", "w")
     process = subprocess.Popen([sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
@@ -567,6 +651,49 @@ def test_interrupt_over_http(server):
     again = run_prompt(server, _workflow(server, "apply-a-shared-adapter"))  # the server is still usable
     _assert_success(again, server)
 
+
+
+def test_every_input_has_a_tooltip_over_http(server):
+    object_info = _get(server["url"] + "/object_info")
+    ours = {k: v for k, v in object_info.items() if k.endswith("|ConceptUnlearn")}
+    assert len(ours) >= 6
+    missing = [f"{name}.{input_name}" for name, info in ours.items() for section in ("required", "optional")
+               for input_name, spec in info["input"].get(section, {}).items()
+               if len(spec) < 2 or not spec[1].get("tooltip")]
+    assert not missing, missing
+
+
+def test_saving_again_over_http_adds_a_counter(server):
+    """Queue the erase workflow again with one audit prompt changed: the audit and Save run again (training is
+    cached), and Save writes the next counter instead of failing with 'already exists'."""
+    extra = {"SaveErasureAdapter|ConceptUnlearn": {"overwrite": False}}
+    first = run_prompt(server, _workflow(server, "erase-a-concept-and-compare", extra))
+    _assert_success(first, server)
+    extra["ErasureAudit|ConceptUnlearn"] = {"prompts": "a photo of a red star\na photo of a cat"}
+    second = run_prompt(server, _workflow(server, "erase-a-concept-and-compare", extra))
+    _assert_success(second, server)
+    saved = [o["concept_unlearn"][0].get("saved") for o in second["outputs"].values() if "concept_unlearn" in o]
+    counted = [name for name in saved if name]
+    assert counted and counted[0].startswith("erasure/no-red-star_") and counted[0].endswith("_.safetensors")
+    assert (server["base"] / "models" / "loras" / counted[0]).is_file()
+
+
+def test_error_dialog_shows_a_type_without_a_file_path(server):
+    """ComfyUI shows `<class module>.<class name>`; it imports the pack under a module name made from its path."""
+    broken = server["base"] / "models" / "loras" / "broken.safetensors"
+    broken.parent.mkdir(parents=True, exist_ok=True)
+    broken.write_bytes(b"not a safetensors file")
+    prompt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": server["checkpoint"]}},
+              "2": {"class_type": "LoadErasureAdapter|ConceptUnlearn",
+                    "inputs": {"clip": ["1", 1], "lora_name": "broken.safetensors", "allow_other_base": False}},
+              "3": {"class_type": "SaveErasureAdapter|ConceptUnlearn",
+                    "inputs": {"adapter": ["2", 0], "name": "erasure/broken-copy", "overwrite": False}}}
+    entry = run_prompt(server, prompt)
+    errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    assert errors, entry["status"]
+    shown = errors[0]["exception_type"]
+    assert shown == "concept_unlearn.AdapterFileError", shown
+    assert "/" not in shown and "concept-unlearn" not in shown
 
 
 # ---------------------------------------------------------------------------- the front end in headless Chromium
