@@ -95,7 +95,9 @@ class LearnConceptToken:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, token_name):  # checked when the prompt is queued, before any node runs
+    def VALIDATE_INPUTS(cls, token_name=None):  # checked when the prompt is queued, before any node runs
+        if token_name is None:  # linked from another node: known only when the node runs
+            return True
         try:
             token_file_stem(token_name)
         except ValueError as error:
@@ -332,7 +334,9 @@ class SaveErasureAdapter:
                                       "adding a counter."})}}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, name):  # checked when the prompt is queued, before any training starts
+    def VALIDATE_INPUTS(cls, name=None):  # checked when the prompt is queued, before any training starts
+        if name is None:  # linked from another node: known only when the node runs
+            return True
         try:
             _lora_path(name)
         except ValueError as error:

@@ -134,6 +134,8 @@ def test_save_name_is_checked_when_the_prompt_is_queued(pack):
         assert isinstance(message, str) and "inside models/loras" in message
     assert isinstance(node(pack, "LearnConceptToken").VALIDATE_INPUTS("my token"), str)
     assert node(pack, "LearnConceptToken").VALIDATE_INPUTS("<my-token>") is True
+    # a linked input is not known at queue time (ComfyUI then calls without it): checked when the node runs
+    assert save.VALIDATE_INPUTS() is True and node(pack, "LearnConceptToken").VALIDATE_INPUTS() is True
 
 
 # ---------------------------------------------------------------------------- error types in ComfyUI's dialog
