@@ -246,12 +246,38 @@ def test_hooked_deltas_equal_a1111_style_merged_weights(model):
     assert effect_error(after, hooked, base) < 1e-3  # merging the file gives the effect the hooks give
 
 
-def test_incomplete_attention_is_refused(model):
-    deltas = Deltas({Target(0, "q"): (32, 32)}, rank=2)
-    with pytest.raises(ValueError, match="q, k, v and out together"):
-        ref.merged_weights(model.transformer.resblocks, deltas.to_kohya(torch.float32))
-    with pytest.raises(ValueError, match="not a text-encoder LoRA key"):
-        ref.kohya_to_a1111({"lora_unet_x.lora_down.weight": torch.zeros(1)})
+def test_like_a1111_incomplete_attention_and_unknown_keys_are_ignored_silently(model):
+    """A1111 v1.10 networks.py: attention only with all of q, k, v and out (else nothing for that block, no error);
+    keys that match no module are dropped with a debug log; the MLP of the same file still applies."""
+    deltas = Deltas({Target(0, "q"): (32, 32), Target(0, "k"): (32, 32), Target(0, "v"): (32, 32),
+                     Target(1, "fc1"): (128, 32)}, rank=2)
+    with torch.no_grad():
+        for p in deltas.up.values():
+            p.normal_(0, 0.2)
+    tensors = deltas.to_kohya(torch.float32) | {"lora_unet_x.lora_down.weight": torch.zeros(1),
+                                                 "lora_te_text_model_encoder_layers_7_mlp_fc1.alpha": torch.tensor(1.0)}
+    merged = ref.merged_weights(model.transformer.resblocks, tensors)
+    assert set(merged) == {"1.mlp.c_fc.weight"}  # q/k/v without out: attention untouched
+    assert ref.unmatched_keys(tensors, layers=4) == ["lora_te_text_model_encoder_layers_7_mlp_fc1.alpha",
+                                                      "lora_unet_x.lora_down.weight"]
+    # A1111 reads the layer number with int(): non-canonical spellings reach the layer (diffusers skips them)
+    odd = {k.replace("layers_1_", "layers_01_"): v for k, v in deltas.to_kohya(torch.float32).items() if "_1_" in k}
+    assert set(ref.kohya_to_a1111(odd, layers=4)) == {"model_transformer_resblocks_1_mlp_c_fc"}
+
+
+def test_like_a1111_on_a_gpu_the_update_is_computed_and_added_in_float16(model):
+    """devices.dtype float16: lora_up @ lora_down in float16, scaled in float16, added to the float16 weight."""
+    deltas = Deltas({Target(0, "fc1"): (128, 32)}, rank=4, alpha=3.0)
+    with torch.no_grad():
+        deltas.up["0_fc1"].normal_(0, 0.3)
+    tensors = deltas.to_kohya(torch.float32)
+    half = model.half()
+    merged = ref.merged_weights(half.transformer.resblocks, tensors, strength=0.7, dtype=torch.float16)["0.mlp.c_fc.weight"]
+    up, down = tensors[f"{Target(0, 'fc1').kohya_name}.lora_up.weight"], tensors[f"{Target(0, 'fc1').kohya_name}.lora_down.weight"]
+    expected = half.transformer.resblocks[0].mlp.c_fc.weight + (up.half() @ down.half()) * (3.0 / 4) * 0.7
+    assert merged.dtype == torch.float16 and torch.equal(merged, expected)
+    exact = half.transformer.resblocks[0].mlp.c_fc.weight.float() + (up @ down) * 0.75 * 0.7
+    assert 0 < relative_error(merged, exact) < 1e-2  # float16 rounding, not float32 arithmetic
 
 
 OPEN_CLIP = __import__("os").environ.get("CONCEPT_UNLEARN_OPEN_CLIP")
