@@ -82,6 +82,46 @@ class TokenConfig:
         _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
 
 
+def _phrase_key(phrase: str) -> str:
+    """How concept phrases are compared: case and surrounding/inner spacing do not make two phrases different."""
+    return " ".join(phrase.split()).casefold()
+
+
+@dataclass(frozen=True)
+class Concept:
+    """One concept of a joint erasure: its name as it appears in prompts and its other phrasings."""
+
+    name: str
+    synonyms: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if isinstance(self.synonyms, str):
+            raise ValueError(f"synonyms of {self.name!r}: give a list of phrases, not one string")
+        object.__setattr__(self, "name", self.name.strip())
+        object.__setattr__(self, "synonyms", tuple(s.strip() for s in self.synonyms))
+
+    @property
+    def phrases(self) -> tuple[str, ...]:
+        return (self.name, *self.synonyms)
+
+    @classmethod
+    def parse(cls, text: str) -> "Concept":
+        """``"a cat"`` or ``"a cat=a kitten|a kitty"``: the name, then its synonyms after ``=``, split at ``|``."""
+        name, has_synonyms, rest = text.partition("=")
+        return cls(name, tuple(rest.split("|")) if has_synonyms else ())
+
+    @classmethod
+    def of(cls, value) -> "Concept":
+        """A Concept from a Concept, a name, or a (name, synonyms) pair (the forms EraseConfig.also takes)."""
+        if isinstance(value, Concept):
+            return value
+        if isinstance(value, str):
+            return cls(value)
+        if isinstance(value, (tuple, list)) and len(value) == 2 and isinstance(value[0], str):
+            return cls(value[0], tuple(value[1]) if not isinstance(value[1], str) else value[1])
+        raise ValueError(f"also: each entry is a concept name, a (name, synonyms) pair or a Concept; got {value!r}")
+
+
 @dataclass(frozen=True)
 class EraseConfig:
     """Unlearn a concept: a weighted sum of erase terms and a preserve term.
@@ -97,6 +137,8 @@ class EraseConfig:
         (the concept's neighbours) and the empty prompt keep their frozen conditioning.
     All methods add ``preserve_weight`` x (keep the frozen conditioning of ``preserve`` prompts).
     ``gradient_surgery`` (DoCo): drop the part of the erase gradient that conflicts with the keep gradient.
+    ``also`` (contextual only): more concepts erased jointly in the same run, each a name, a (name, synonyms) pair
+    or a ``Concept``; ``concept``/``synonyms`` stay the first concept, ``concepts`` lists them all.
     """
 
     concept: str
@@ -131,10 +173,13 @@ class EraseConfig:
     kv_preserve_weight: float = 1.0  # lam: weight of the preserved vectors against the concept's
     kv_ridge: float = 1e-3  # mu: pull towards the unedited weights, relative to the concept vectors' mean square
     kv_rank: int = 16  # LoRA rank of each edited projection (truncated SVD beyond it; the error is recorded)
+    also: tuple[Concept, ...] = ()  # contextual: more concepts erased jointly in the same run (see ``concepts``)
 
     def __post_init__(self):
         for name in ("synonyms", "preserve", "contexts", "keep"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
+        _require(not isinstance(self.also, (str, Concept)), "also", "give a list of concepts, not a single one")
+        object.__setattr__(self, "also", tuple(Concept.of(c) for c in self.also))
         if self.anchor is None:
             object.__setattr__(self, "anchor", "" if self.method == "contextual" else "a photo")
         for context in self.contexts:
@@ -172,6 +217,46 @@ class EraseConfig:
         _require(not self.gradient_surgery or (self.preserve_weight > 0 and len(self.preserve) > 0),
                  "gradient_surgery", "needs a preserve term (preserve prompts and preserve_weight > 0) to protect; "
                  "turn one of them on or turn gradient surgery off")
+        self._check_concepts()
+
+    def _check_concepts(self) -> None:
+        """The list of concepts (one, or more with ``also``): names given, no phrase twice, none kept or anchored."""
+        _require(not self.also or self.method in CONDITIONING_METHODS, "also",
+                 f"erasing several concepts in one run is an option of the contextual method, not {self.method!r}; "
+                 "use method 'contextual', or erase each concept on its own and stack the adapters (merge)")
+        _require(not (self.also and self.adversarial_rounds), "also",
+                 "the robust option (adversarial_rounds) learns one attack token from one concept's example images; "
+                 "erase several concepts without it, or erase each concept on its own")
+        for concept in self.also:
+            _require(bool(concept.name), "also", "contains a concept with an empty name")
+            _require(all(concept.synonyms), "also", f"synonyms of {concept.name!r} contain an empty entry")
+        owner: dict[str, int] = {}  # phrase -> index of the concept that has it
+        concepts = self.concepts
+        for index, concept in enumerate(concepts):
+            for phrase in concept.phrases:
+                other = owner.setdefault(_phrase_key(phrase), index)
+                if other != index:
+                    where = ("named twice in the list of concepts" if _phrase_key(phrase) == _phrase_key(
+                        concepts[other].name) and phrase == concept.name else
+                        f"given for both {concepts[other].name!r} and {concept.name!r}")
+                    raise ValueError(f"also: {phrase!r} is {where}; give each concept (and each synonym) once")
+        kept = [k for k in self.keep if _phrase_key(k) in owner]
+        if kept:
+            raise ValueError(f"keep: {kept[0]!r} is one of the phrasings to erase (of "
+                             f"{concepts[owner[_phrase_key(kept[0])]].name!r}); a neighbour to keep must be something else")
+        _require(not (self.anchor and _phrase_key(self.anchor) in owner), "anchor",
+                 f"{self.anchor!r} is a concept to erase; the anchor is what the concepts become, so it must be "
+                 "something else (or empty)")
+
+    @property
+    def concepts(self) -> tuple[Concept, ...]:
+        """Every concept this run erases: the first (``concept`` with ``synonyms``), then ``also``."""
+        return (Concept(self.concept, self.synonyms), *self.also)
+
+    @property
+    def concept_label(self) -> str:
+        """The concepts' names for humans and file metadata: "a cat" or "a cat, a dog"."""
+        return ", ".join(c.name for c in self.concepts)
 
     @property
     def needs_images(self) -> bool:

@@ -1,6 +1,7 @@
 """Unlearn Concept LoRA: train text-encoder deltas that erase a concept and keep the rest."""
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -37,8 +38,13 @@ class EraseResult:
     def info(self) -> dict:
         """What the adapter file records about how it was made."""
         c, lora = self.config, self.config.lora
+        concepts = {} if not c.also else {  # a joint erasure: "concept" names them all, as a stack's file does
+            "concept": c.concept_label, "concepts": [k.name for k in c.concepts],
+            "synonyms": [s for k in c.concepts for s in k.synonyms],
+            "concept_synonyms": {k.name: list(k.synonyms) for k in c.concepts}}
         return {
-            "concept": c.concept, "synonyms": list(c.synonyms), "token": self.token or "", "method": c.method,
+            "concept": c.concept, "synonyms": list(c.synonyms), **concepts, "token": self.token or "",
+            "method": c.method,
             "kind": c.kind, "anchor": c.anchor, "steps": c.steps, "lr": c.lr, "seed": c.seed,
             "targets": lora.preset if not lora.targets else list(lora.targets),
             "weights": {"ascent": c.ascent_weight, "anchor": c.anchor_weight, "preserve": c.preserve_weight},
@@ -54,6 +60,34 @@ class EraseResult:
         error = self.deltas.compression_error
         return {"rank": self.deltas.rank, "method": "randomised SVD", "relative_error": round(error["total"], 6),
                 "max_module_relative_error": round(error["max_module"], 6)}
+
+
+def mentions(text: str, phrases) -> bool:
+    """Whether ``text`` holds one of ``phrases`` as whole words (case and spacing aside)."""
+    text = " ".join(text.split()).casefold()
+    return any(re.search(rf"(?<!\w){re.escape(' '.join(p.split()).casefold())}(?!\w)", text)
+               for p in phrases if p.strip())
+
+
+def joint_prompts(config: EraseConfig, contexts: list[str], keep: list[str]):
+    """A joint erasure's contexts, keep prompts and neighbours without any that name one of its concepts (outside
+    the slot): "a {} next to a dog" would map "a cat next to a dog" onto a dog, and "a bird next to a dog" would keep
+    the dog; no concept of the list is another's target, neighbour or kept prompt. Returns them and notes to show."""
+    phrases = [p for c in config.concepts for p in c.phrases]
+    if config.anchor and mentions(config.anchor, phrases):
+        raise ValueError(f"anchor: {config.anchor!r} names a concept to erase; the anchor is what every concept "
+                         "becomes, so it must name none of them (or leave it empty)")
+    kept_contexts = [c for c in contexts if not mentions(fill(c, ""), phrases)]
+    if not kept_contexts:
+        raise ValueError("contexts: every context names one of the concepts to erase outside its '{}' slot; give "
+                         "contexts whose only concept is the slot, e.g. 'a {} on a table'")
+    neighbours = tuple(k for k in config.keep if not mentions(k, phrases))
+    kept = [k for k in keep if not mentions(k, phrases)]
+    left_out = ((len(contexts) - len(kept_contexts), "context(s)"),
+                (len(config.keep) - len(neighbours), "neighbour(s)"),
+                (len(keep) - len(kept), "keep/preserve prompt(s)"))
+    notes = [f"{n} {what} naming one of the concepts left out" for n, what in left_out if n]
+    return kept_contexts, kept, neighbours, notes
 
 
 def erase_subjects(config: EraseConfig, token: ConceptToken | None) -> list[str]:
@@ -206,17 +240,20 @@ def _erase_in_conditioning_space(backend: Backend, config: EraseConfig, images: 
     token = ConceptToken(token.name, token.vectors.detach()) if token is not None else None
     contexts = build_contexts(config.contexts, config.kind, config.max_contexts, config.seed)
     keep = keep_prompts(contexts, config.keep, config.preserve)
+    neighbours, joint_notes = config.keep, []
+    if config.also:  # several concepts: none is another's target, neighbour or preserved prompt
+        contexts, keep, neighbours, joint_notes = joint_prompts(config, contexts, keep)
     erase_prompts, erase_tokens, target_parts = [], [], []
     counting = _Counting(callback, config.total_steps)
     unet = PassCounter(backend)
     history = []
 
     def anchor_conditioning(pairs: list[tuple[str, str]], per_context: int) -> torch.Tensor:
-        if config.anchor or not config.keep:
+        if config.anchor or not neighbours:
             return _encode_in_chunks(backend, [anchor for _, anchor in pairs], None)
         # no anchor named, neighbours known: in each context the concept becomes its neighbours' average
         # (what the concept shares with its kind), not the bare context, which a model may still render as it
-        means = torch.stack([_encode_in_chunks(backend, [fill(c, k) for k in config.keep], None).mean(0)
+        means = torch.stack([_encode_in_chunks(backend, [fill(c, k) for k in neighbours], None).mean(0)
                              for c in contexts])
         return means.repeat_interleave(per_context, dim=0)
 
@@ -231,7 +268,8 @@ def _erase_in_conditioning_space(backend: Backend, config: EraseConfig, images: 
         erase_tokens.extend([tok] * len(prompts))
 
     with training_context(backend), deltas.inject(backend.linear):
-        add_subjects([config.concept.strip(), *config.synonyms], None)
+        for concept in config.concepts:  # each concept as a single erasure would build it; the union is erased
+            add_subjects([concept.name, *concept.synonyms], None)
         if token is not None:
             add_subjects([token.name], token)
         with torch.no_grad(), deltas.off():
@@ -265,9 +303,10 @@ def _erase_in_conditioning_space(backend: Backend, config: EraseConfig, images: 
                 unet.calls, unet.samples = unet.calls + learned.unet_calls, unet.samples + learned.unet_samples
                 add_subjects([learned.token.name], learned.token)
             history += run(loss_fn, deltas.parameters(), optimizer, steps, counting, scaler=scaler)
-    notes = [f"erased in {len(contexts)} contexts ({len(erase_prompts)} prompts), kept {len(keep)} prompts and the "
-             "empty one"] + ([f"{config.adversarial_rounds} adversarial token(s) learned and erased"]
-                             if config.adversarial_rounds else [])
+    joint = [f"{len(config.concepts)} concepts erased jointly: {config.concept_label}"] if config.also else []
+    notes = joint + joint_notes + [f"erased in {len(contexts)} contexts ({len(erase_prompts)} prompts), kept "
+                                   f"{len(keep)} prompts and the empty one"] + (
+        [f"{config.adversarial_rounds} adversarial token(s) learned and erased"] if config.adversarial_rounds else [])
     unet_deltas = kv_edit.after_erasure(backend, config, deltas, erase_prompts, erase_tokens, torch.cat(target_parts),
                                         keep) if config.unet_kv_edit else None
     result = _result(deltas, config, history, start, unet, token, notes + (unet_deltas.notes if unet_deltas else []))
