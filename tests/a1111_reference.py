@@ -10,7 +10,8 @@ this module when A1111_PATH points at them:
   block's MultiheadAttention. ``load_network`` drops every key whose name matches no module, silently (a debug log).
 - network.py ``calc_scale`` (alpha / dim, per module) and ``finalize_updown``; network_lora.py: lora_up / lora_down are
   cast to ``devices.dtype`` (float16 on a GPU unless --no-half) and multiplied in that dtype (lyco_helpers
-  ``rebuild_conventional``), then scaled by alpha / rank and the multiplier.
+  ``rebuild_conventional``), then scaled by alpha / rank and the multiplier; network_full.py: ``diff`` in the
+  weight's dtype, scale 1.
 - networks.py ``network_apply_weights``: a Linear (c_fc, c_proj) becomes ``(W.to(updown.dtype) + updown).to(W.dtype)``;
   a MultiheadAttention gets ``in_proj_weight += [q; k; v]`` and ``out_proj.weight += out`` only when all four of q, k,
   v and out are in the file: with any missing, nothing is applied to that attention (no error). out_proj alone
@@ -91,23 +92,25 @@ def merged_weights(resblocks, tensors: dict[str, torch.Tensor], strength: float 
     grouped = kohya_to_a1111(tensors, len(resblocks))
     result = {}
 
-    def updown(name):
+    def updown(name, weight):
         w = grouped[name]
+        if "diff" in w:  # network_full.py: the difference in the weight's own dtype, scale 1
+            return w["diff"].to(weight.device, weight.dtype) * strength
         down, up = w["lora_down.weight"].to(dtype), w["lora_up.weight"].to(dtype)
         scale = float(w["alpha"]) / down.shape[0] if "alpha" in w else 1.0
-        return (up @ down) * scale * strength
+        return ((up @ down) * scale * strength).to(weight.device)
 
     for n, block in enumerate(resblocks):
         names = {p: a1111_layer_name(n, p) for p in A1111_SUFFIX}
         if all(names[p] in grouped for p in _ATTENTION):
-            in_proj, out_proj = block.attn.in_proj_weight, block.attn.out_proj.weight
-            qkv = join_in_proj(*(updown(names[p]) for p in ("q", "k", "v")))
+            in_proj, out_proj = block.attn.in_proj_weight.detach(), block.attn.out_proj.weight.detach()
+            qkv = join_in_proj(*(updown(names[p], in_proj) for p in ("q", "k", "v")))
             # in place in the weight's dtype: in_proj_weight += updown_qkv
-            result[f"{n}.attn.in_proj_weight"] = in_proj.detach().clone().add_(qkv.to(in_proj.device))
-            result[f"{n}.attn.out_proj.weight"] = out_proj.detach().clone().add_(updown(names["out"]).to(out_proj.device))
+            result[f"{n}.attn.in_proj_weight"] = in_proj.clone().add_(qkv)
+            result[f"{n}.attn.out_proj.weight"] = out_proj.clone().add_(updown(names["out"], out_proj))
         for p, child in _MLP.items():
             if names[p] in grouped:
                 weight = getattr(block.mlp, child).weight.detach()
-                delta = updown(names[p]).to(weight.device)
+                delta = updown(names[p], weight)
                 result[f"{n}.mlp.{child}.weight"] = (weight.to(delta.dtype) + delta).to(weight.dtype)
     return result
