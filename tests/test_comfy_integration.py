@@ -184,7 +184,7 @@ class Snapshot:
 def erase_inputs(steps=2, **overrides):
     inputs = dict(images=examples(), concept="a red square", synonyms="red box", method="weighted", kind="object",
                   targets="final", steps=steps, rank=2, learning_rate=1e-3, anchor="a photo",
-                  preserve="a photo of a dog", resolution=64, seed=0)
+                  preserve="a photo of a dog", keep="", contexts="", resolution=64, seed=0)
     inputs.update(overrides)
     return inputs
 
