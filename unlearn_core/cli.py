@@ -86,16 +86,20 @@ def cmd_learn_token(args) -> None:
 
 
 def erase_config_from_args(args):
+    from .config import Concept
     from .methods import method_config
 
     method = "fewshot-paper" if args.paper_settings else args.method
+    # each --concept is NAME or NAME=SYNONYM|SYNONYM; --synonym adds to the first; more than one: a joint erasure
+    first, *others = [Concept.parse(text) for text in args.concept]
     if args.paper_settings:
         from .cli_checks import check_paper_settings
 
         check_paper_settings(args, _erase_defaults())
-    settings = dict(synonyms=tuple(args.synonym or ()), kind=args.kind, anchor=args.anchor, steps=args.steps,
-                    lr=args.lr, batch_size=args.batch_size, seed=args.seed, ascent_weight=args.ascent_weight,
-                    anchor_weight=args.anchor_weight, preserve_weight=args.preserve_weight,
+    settings = dict(synonyms=first.synonyms + tuple(args.synonym or ()), also=tuple(others) or None,
+                    kind=args.kind, anchor=args.anchor, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                    seed=args.seed, ascent_weight=args.ascent_weight, anchor_weight=args.anchor_weight,
+                    preserve_weight=args.preserve_weight,
                     gradient_surgery=args.gradient_surgery or None,
                     preserve=tuple(args.preserve) if args.preserve is not None else None,
                     keep=tuple(args.keep or ()), contexts=tuple(args.context or ()),
@@ -106,7 +110,12 @@ def erase_config_from_args(args):
                     compress_rank=args.compress_rank)
     if args.mode == "full" and args.lr is None:
         settings["lr"] = 1e-5  # full-weight deltas move whole weights: the paper's rate, not LoRA's
-    return method_config(method, args.concept, **settings)
+    try:
+        return method_config(method, first.name, **settings)
+    except ValueError as error:  # the list of concepts is --concept here, not the config's field "also"
+        if str(error).startswith("also: "):
+            raise ValueError(f"--concept: {str(error).removeprefix('also: ')}") from None
+        raise
 
 
 def _erase_defaults() -> dict:
@@ -129,7 +138,7 @@ def cmd_erase(args) -> None:
     _, backend = _load(args)
     images = _images(args, backend) if args.images else None
     token = read_token(args.token_file, backend) if args.token_file else None
-    result = erase(backend, config, images, token, _progress(config.total_steps, f"erasing {config.concept!r}"))
+    result = erase(backend, config, images, token, _progress(config.total_steps, f"erasing {config.concept_label!r}"))
     write_adapter(out, result.deltas, base_fingerprint(backend), result.info(), overwrite=args.force,
                   unet=result.unet_deltas)
     for note in result.notes:
@@ -137,7 +146,7 @@ def cmd_erase(args) -> None:
     curve = out.with_suffix(".loss.png")
     written = [f"{out} ({out.stat().st_size / 1e6:.2f} MB)"]
     if not curve.exists() or args.force:
-        loss_curve(result.history, f"erase {config.concept!r} ({config.method})").save(curve)
+        loss_curve(result.history, f"erase {config.concept_label!r} ({config.method})").save(curve)
         written.append(curve.name)
     print(f"wrote {' and '.join(written)}: {config.method}, {config.steps} steps, {result.seconds:.1f} s, "
           f"{result.unet_calls} UNet calls ({result.unet_samples} samples)")
@@ -274,7 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("erase", help="train an erasure adapter (text-encoder LoRA) for a concept",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     _model_options(p)
-    p.add_argument("--concept", required=True, help="the concept as it appears in prompts, e.g. 'a red star'")
+    p.add_argument("--concept", required=True, action="append",
+                   help="the concept as it appears in prompts, e.g. 'a red star'; repeat it to erase several concepts "
+                        "jointly in one run (contextual method): --concept 'a cat' --concept 'a dog=a puppy|a hound' "
+                        "(after '=', that concept's synonyms separated by '|'; --synonym adds to the first concept)")
     p.add_argument("--images", help="folder with 4-5 example images (needed by methods fewshot and weighted)")
     p.add_argument("--token-file", "--token", dest="token_file", metavar="FILE",
                    help="a concept token file written by learn-token (its --out), whose name is erased as well "
