@@ -158,8 +158,8 @@ def progress_callback(node_id, title: str, check=None, log=None, clock=None):
         left = state["estimate"].update(info.step, info.total)
         if info.step == 1 and info.total > 1:
             first = state["estimate"].first
-            log(f"{title}: step 1 of {info.total} took {duration(first)}; the run will take about "
-                f"{duration(first + left)} in all (Cancel stops it)")
+            log(f"{title}: step 1 of {info.total} took {duration(first)} (setup included); the run will take "
+                f"about {duration(first + left)} in all (Cancel stops it)")
         state["bar"].update_absolute(info.step, info.total)
         send(PROGRESS_EVENT, {"node": str(node_id) if node_id is not None else None, "title": title,
                               "step": info.step, "total": info.total, "seconds_left": round(left, 1),
@@ -172,8 +172,7 @@ def progress_callback(node_id, title: str, check=None, log=None, clock=None):
 def _log(message: str) -> None:
     import logging
 
-    logging.getLogger("concept_unlearn").info(message)
-    print(f"[Concept Unlearn] {message}")
+    logging.getLogger("concept_unlearn").info(message)  # ComfyUI's console shows INFO lines
 
 
 class Progress:

@@ -191,8 +191,8 @@ def test_progress_callback_says_what_the_run_will_cost_after_its_first_step(pack
     callback = host.progress_callback("7", "Unlearn Concept", log=logged.append, clock=lambda: next(clock))
     for step in (1, 2, 3):
         callback(train.StepInfo(step, 60, {"loss": 1.0}))
-    assert logged == ["Unlearn Concept: step 1 of 60 took 1 min 31 s; the run will take about 1 h 31 min in all "
-                      "(Cancel stops it)"]
+    assert logged == ["Unlearn Concept: step 1 of 60 took 1 min 31 s (setup included); the run will take about "
+                      "1 h 31 min in all (Cancel stops it)"]
     assert [d["seconds_left"] for d in sent] == [59 * 91.0, 58 * 90.0, 57 * 92.0]
     assert fake_comfy["bars"][0].node_id == "7" and fake_comfy["bars"][0].values == [1, 2, 3]
     assert fake_comfy["checks"] == 3
