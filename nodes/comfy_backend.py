@@ -85,6 +85,23 @@ def prediction_type(model_sampling) -> str:
     return "v_prediction" if isinstance(model_sampling, ms.V_PREDICTION) else "epsilon"
 
 
+def unet_kv_modules(base) -> dict[str, nn.Module]:
+    """{canonical name: module} of a ComfyUI BaseModel's cross-attention to_k/to_v (see cross_attention_kv)."""
+    import comfy.utils
+
+    from ..unlearn_core.kv_edit import is_kv_name
+
+    unet = base.diffusion_model
+    out = {}
+    for key, path in comfy.utils.unet_to_diffusers(base.model_config.unet_config).items():
+        name = key.removesuffix(".weight")
+        if key.endswith(".weight") and is_kv_name(name):
+            module = unet.get_submodule(path.removesuffix(".weight"))
+            if isinstance(module, nn.Linear):
+                out[name] = module
+    return out
+
+
 class _BatchedEmbedding(nn.Module):
     """Token embedding over a whole [B, L] batch (ComfyUI embeds one prompt per call)."""
 
@@ -278,6 +295,13 @@ class ComfyBackend(TextEncoderView):
         offset = ms.calculate_denoised(sigma, zero, x)
         slope = ms.calculate_denoised(sigma, torch.ones_like(x), zero)
         return ((denoised.float() - offset) / slope).to(self.device)
+
+    def cross_attention_kv(self) -> dict[str, nn.Module]:
+        """The UNet's cross-attention key/value linears by canonical (diffusers) name, through ComfyUI's own
+        diffusers -> LDM map (comfy.utils.unet_to_diffusers on the model's unet_config), the map its LoRA loader
+        (comfy.lora.model_lora_keys_unet) gives ``lora_unet_<diffusers path>`` keys: so a file's UNet key lands on
+        the module the engine edited. Read and hooked, never written."""
+        return unet_kv_modules(self.base)
 
     def modules(self) -> list[nn.Module]:
         # The modules gradients pass through, i.e. the ones swapped to normal tensors in session(). Not the VAE

@@ -191,26 +191,32 @@ class UnlearnConceptLoRA:
                                        "re-learning better; needs images; slower)."}),
                 "gradient_surgery": ("BOOLEAN", {"default": False, "tooltip": "DoCo: drop the part of the erase "
                                                  "gradient that conflicts with keeping the preserve prompts."}),
+                "unet_kv_edit": ("BOOLEAN", {"default": False, "tooltip": "contextual: also edit what the UNet "
+                                 "reads of the text (a closed-form change of its cross-attention key/value "
+                                 "projections, seconds; resists re-learned tokens better). The adapter then "
+                                 "patches the MODEL too: connect the MODEL to Apply Erasure Adapter (or use the "
+                                 "saved file with LoraLoader's strength_model)."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     @staticmethod
     def config(concept, synonyms, method, kind, targets, steps, rank, learning_rate, anchor, preserve, seed,
-               gradient_surgery=False, keep="", contexts="", robust=False):
+               gradient_surgery=False, keep="", contexts="", robust=False, unet_kv_edit=False):
         return method_config(method, concept, synonyms=host.split_list(synonyms), kind=kind,
                              anchor=anchor.strip() or None, seed=seed, steps=steps, lr=learning_rate,
                              preset=targets, rank=rank, preserve=host.split_lines(preserve) + ("",),
                              keep=host.split_lines(keep), contexts=host.split_lines(contexts),
                              gradient_surgery=bool(gradient_surgery) or None,
-                             adversarial_rounds=ROBUST_ROUNDS if robust else None)
+                             adversarial_rounds=ROBUST_ROUNDS if robust else None,
+                             unet_kv_edit=True if unet_kv_edit else None)
 
     @readable_errors(PACKAGE)
     def run(self, model, clip, vae, concept, synonyms, method, kind, targets, steps, rank, learning_rate,
             anchor, keep, contexts, preserve, resolution, seed, images=None, concept_token=None,
-            robust=False, gradient_surgery=False, unique_id=None):
+            robust=False, gradient_surgery=False, unet_kv_edit=False, unique_id=None):
         config = self.config(concept, synonyms, method, kind, targets, steps, rank, learning_rate, anchor,
-                             preserve, seed, gradient_surgery, keep, contexts, robust)
+                             preserve, seed, gradient_surgery, keep, contexts, robust, unet_kv_edit)
         if config.needs_images and images is None:
             raise ValueError(f"method {method!r} needs example images: connect 4-5 images of the concept, or "
                              "use the contextual or anchor method")
@@ -223,7 +229,7 @@ class UnlearnConceptLoRA:
             fingerprint = adapter_io.base_fingerprint(backend)
             result = erase(host.Interruptible(backend), config, examples, token,
                            host.progress_callback(unique_id, "Unlearn Concept"))
-        adapter = ErasureAdapter(result.deltas, fingerprint, result.info())
+        adapter = ErasureAdapter(result.deltas, fingerprint, result.info(), unet=result.unet_deltas)
         curve = host.pil_to_image(plots.loss_curve(result.history, f"erase {config.concept}"))
         per_step = result.seconds / max(1, len(result.history))
         return _ui((adapter, curve), kind="adapter", seconds_per_step=round(per_step, 3), **adapter.summary())
@@ -235,12 +241,16 @@ STRENGTH = ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05,
 
 
 class ApplyErasureAdapter:
-    """Patch the CLIP with an erasure adapter through ComfyUI's own LoRA loading (same as LoraLoader)."""
+    """Patch the CLIP (and the MODEL, for an adapter with the UNet key/value edit) through ComfyUI's own LoRA
+    loading (same as LoraLoader). Workflows saved before the MODEL input/output existed load unchanged: the MODEL
+    is an optional link (no widget moves) and the CLIP stays output 0."""
 
     CATEGORY = CATEGORY
     FUNCTION = "run"
-    RETURN_TYPES = ("CLIP",)
-    DESCRIPTION = "Apply an erasure adapter (connected, or a file from models/loras) to the CLIP."
+    RETURN_TYPES = ("CLIP", "MODEL")
+    RETURN_NAMES = ("CLIP", "MODEL")  # the names the outputs had before (the type names)
+    DESCRIPTION = ("Apply an erasure adapter (connected, or a file from models/loras) to the CLIP, and to the MODEL "
+                   "when the adapter also edits the UNet (unet_kv_edit): connect the MODEL then.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -252,31 +262,38 @@ class ApplyErasureAdapter:
                               "used when no adapter is connected."}),
             },
             "optional": {"adapter": ("ERASURE_ADAPTER", {"tooltip": "An adapter from Unlearn Concept LoRA or Load "
-                                                        "Erasure Adapter (wins over lora_name)."})},
+                                                        "Erasure Adapter (wins over lora_name)."}),
+                         "model": ("MODEL", {"tooltip": "The MODEL, needed when the adapter also edits the UNet "
+                                             "(unet_kv_edit); a patched copy comes out of the model output (this one "
+                                             "is not changed). Not connected: the model output is empty."})},
         }
 
     @readable_errors(PACKAGE)
-    def run(self, clip, strength, lora_name, adapter=None):
+    def run(self, clip, strength, lora_name, adapter=None, model=None):
         if adapter is None:
             if lora_name == NO_FILE:
                 raise ValueError("no adapter: connect an ERASURE_ADAPTER or pick a file in lora_name")
-            adapter = load_adapter_file(clip, lora_name, allow_other_base=False)
-        patched = host.apply_to_clip(clip, adapter, strength)
-        return _ui((patched,), kind="adapter", strength=strength, **adapter.summary())
+            adapter = load_adapter_file(clip, lora_name, allow_other_base=False, model=model)
+        patched_model, patched = host.apply_to_models(model, clip, adapter, strength)
+        return _ui((patched, patched_model), kind="adapter", strength=strength, **adapter.summary())
 
 
-def load_adapter_file(clip, lora_name: str, allow_other_base: bool) -> ErasureAdapter:
+def load_adapter_file(clip, lora_name: str, allow_other_base: bool, model=None) -> ErasureAdapter:
     from .comfy_backend import TextEncoderView
 
     clip.load_model()  # the weights the conditioning will use (with any patches already on this CLIP)
     view = TextEncoderView(clip)
+    if model is not None:  # the file's UNet keys are checked against this UNet's projections (names, shapes)
+        from .comfy_backend import unet_kv_modules
+
+        view.cross_attention_kv = lambda: unet_kv_modules(model.model)
     path = host.full_path("loras", lora_name)
     file = adapter_io.read_adapter(path, view, allow_other_base=allow_other_base)
     if stacking.STACK_KEY in file.metadata:  # kept as stored, so that parts can be removed from it
         return ErasureAdapter.from_stored(stacking.load(path), source=lora_name)
     info = {k[len(adapter_io.NAMESPACE) + 1:]: _decode(v) for k, v in file.metadata.items()
             if k.startswith(adapter_io.NAMESPACE + ".") and k not in (f"{adapter_io.NAMESPACE}.base_fingerprint",)}
-    return ErasureAdapter(file.deltas, file.fingerprint, info, source=lora_name)
+    return ErasureAdapter(file.deltas, file.fingerprint, info, source=lora_name, unet=file.unet)
 
 
 def _decode(value: str):
@@ -319,8 +336,9 @@ class SaveErasureAdapter:
     OUTPUT_NODE = True
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("lora_name",)
-    DESCRIPTION = ("Save to models/loras as a kohya text-encoder LoRA (loads with the stock LoraLoader). A name "
-                   "already taken gets a counter: no-cat_00001_.safetensors.")
+    DESCRIPTION = ("Save to models/loras as a kohya LoRA of the text encoder (and of the UNet's cross-attention "
+                   "keys/values with unet_kv_edit; loads with the stock LoraLoader). A name already taken gets a "
+                   "counter: no-cat_00001_.safetensors.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -479,7 +497,8 @@ def _write(path: Path, adapter: ErasureAdapter, overwrite: bool) -> Path:
         audit = {"audit": adapter.info["audit"]} if "audit" in adapter.info else {}
         stacking.write(path, adapter.stored.with_info(**audit), overwrite=overwrite)
     else:
-        adapter_io.write_adapter(path, adapter.deltas, adapter.fingerprint, adapter.info, overwrite=overwrite)
+        adapter_io.write_adapter(path, adapter.deltas, adapter.fingerprint, adapter.info, overwrite=overwrite,
+                                 unet=adapter.unet)
     return path
 
 
@@ -540,18 +559,18 @@ class ErasureAudit:
         # checks ComfyUI's interrupt, so Cancel stops the audit within one sampling step
         progress = host.Progress(2 * len(prompt_list) * steps + (attack_steps + steps if attack_steps > 0 else 0),
                                  unique_id)
-        erased = host.apply_to_clip(clip, adapter, strength)
+        erased_model, erased = host.apply_to_models(model, clip, adapter, strength)
         rows, shifts = [], {}
         sampling = (seed, steps, cfg, sampler_name, scheduler, width, height, progress)
         for prompt in prompt_list:
             before, cond_before = _generate(model, clip, vae, prompt, negative, *sampling)
-            after, cond_after = _generate(model, erased, vae, prompt, negative, *sampling)
+            after, cond_after = _generate(erased_model, erased, vae, prompt, negative, *sampling)
             shifts[prompt] = round(float((cond_after - cond_before).norm() / cond_before.norm().clamp_min(1e-8)), 4)
             rows.append([host.image_to_pil(before[0]), host.image_to_pil(after[0])])
         labels = list(prompt_list)
         audit = {"strength": strength, "conditioning_shift": shifts}
         if attack_steps > 0:
-            attack_image, attack_loss = _attack(model, erased, vae, images, attack_steps, negative, *sampling)
+            attack_image, attack_loss = _attack(erased_model, erased, vae, images, attack_steps, negative, *sampling)
             example = host.images_to_engine(images[:1], 0)[0].permute(1, 2, 0)
             rows.append([host.image_to_pil(example), host.image_to_pil(attack_image[0])])
             labels.append("re-learned token (example | erased)")

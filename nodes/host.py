@@ -9,7 +9,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..unlearn_core.adapter_io import NAMESPACE, adapter_metadata, parse_fingerprint
+from ..unlearn_core.adapter_io import NAMESPACE, adapter_metadata, parse_fingerprint, split_unet
+from ..unlearn_core.kv_edit import KVDeltas
 from ..unlearn_core.lora import Deltas
 from ..unlearn_core.stacking import StoredAdapter
 
@@ -25,19 +26,28 @@ class ErasureAdapter:
     info: dict = field(default_factory=dict)
     source: str = ""  # file name when loaded from disk
     stored: StoredAdapter | None = None  # a stack's exact file contents: applied and saved as they are
+    unet: KVDeltas | None = None  # the UNet cross-attention key/value edit (lora_unet_* keys), when there is one
 
     def kohya_tensors(self) -> dict[str, torch.Tensor]:
         # exactly what the saved file holds (write_adapter: float16; a stack: its own float32 tensors), so applying
         # this equals loading the saved file
         if self.stored is not None:
             return self.stored.tensors
-        return self.deltas.to_kohya(torch.float16)
+        return self.deltas.to_kohya(torch.float16) | (self.unet.to_kohya(torch.float16) if self.unet else {})
+
+    @property
+    def edits_unet(self) -> bool:
+        """The file has UNet keys: applying it patches the MODEL as well as the CLIP."""
+        if self.stored is not None:
+            return any(k.startswith("lora_unet_") for k in self.stored.tensors)
+        return self.unet is not None
 
     def as_stored(self) -> StoredAdapter:
         """The file contents Save Erasure Adapter writes for this adapter (what a stack keeps of it)."""
         if self.stored is not None:
             return self.stored
-        return StoredAdapter(self.kohya_tensors(), adapter_metadata(self.deltas, self.fingerprint, self.info))
+        return StoredAdapter(self.kohya_tensors(), adapter_metadata(self.deltas, self.fingerprint, self.info,
+                                                                    self.unet))
 
     @classmethod
     def from_stored(cls, stored: StoredAdapter, source: str = "") -> "ErasureAdapter":
@@ -45,8 +55,9 @@ class ErasureAdapter:
         prefix = NAMESPACE + "."
         info = {k[len(prefix):]: _decoded(v) for k, v in stored.metadata.items()
                 if k.startswith(prefix) and k != prefix + "base_fingerprint"}
-        return cls(Deltas.from_kohya(stored.tensors), parse_fingerprint(stored.info("base_fingerprint")), info,
-                   source=source, stored=stored)
+        text, unet = split_unet(stored.tensors)
+        return cls(Deltas.from_kohya(text), parse_fingerprint(stored.info("base_fingerprint")), info,
+                   source=source, stored=stored, unet=KVDeltas.from_kohya(unet) if unet else None)
 
     def with_info(self, **extra) -> "ErasureAdapter":
         return replace(self, info={**self.info, **extra})
@@ -56,6 +67,8 @@ class ErasureAdapter:
         out = {k: self.info[k] for k in keep if k in self.info}
         out["rank"] = self.deltas.rank if self.deltas.mode == "lora" else "full"
         out["modules"] = len(self.deltas.targets)
+        if self.unet is not None:
+            out["unet_modules"] = len(self.unet.names)
         if self.source:
             out["file"] = self.source
         return out
@@ -239,8 +252,8 @@ def on_cpu() -> bool:
 def display_lines(info: dict) -> list[str]:
     """The text the front end draws under a node, one line per entry (the front end only bounds and draws it)."""
     lines = []
-    for key in ("concept", "synonyms", "token", "method", "steps", "rank", "modules", "strength", "seconds",
-                "seconds_per_step", "final_loss"):
+    for key in ("concept", "synonyms", "token", "method", "steps", "rank", "modules", "unet_modules", "strength",
+                "seconds", "seconds_per_step", "final_loss"):
         value = info.get(key)
         if value is None or value == "" or value == []:
             continue
@@ -312,3 +325,17 @@ def apply_to_clip(clip, adapter: ErasureAdapter, strength: float):
 
     _, patched = comfy.sd.load_lora_for_models(None, clip, adapter.kohya_tensors(), 0.0, strength)
     return patched
+
+
+def apply_to_models(model, clip, adapter: ErasureAdapter, strength: float):
+    """(MODEL, CLIP): patched clones through ComfyUI's own LoRA loading (as LoraLoader does, at one strength for
+    both). The UNet keys patch the MODEL's cross-attention to_k/to_v; ``model`` is None: only the CLIP (an adapter
+    that edits the UNet then needs the MODEL: half of its erasure would be silently dropped)."""
+    if model is None:
+        if adapter.edits_unet:
+            raise ValueError("this adapter also edits the UNet's cross-attention (unet_kv_edit): connect the MODEL "
+                             "input and use the MODEL output, or the erasure is only partly applied")
+        return None, apply_to_clip(clip, adapter, strength)
+    import comfy.sd
+
+    return comfy.sd.load_lora_for_models(model, clip, adapter.kohya_tensors(), strength, strength)

@@ -223,5 +223,31 @@ class A1111Backend:
                                         cond.to(param.device, param.dtype))
         return out.float().to(self.device)
 
+    def cross_attention_kv(self) -> dict[str, nn.Module]:
+        """The UNet's cross-attention to_k/to_v linears (ldm CrossAttention in ``sd_model.model.diffusion_model``) by
+        canonical (diffusers) name: the inverse of A1111's own ``convert_diffusers_name_to_compvis`` (Lora
+        extension, networks.py), which sends ``lora_unet_down_blocks_B_attentions_J_<rest>`` to
+        ``diffusion_model_input_blocks_{1 + 3B + J}_1_<rest>``, ``up_blocks_B_attentions_J`` to ``output_blocks_{3B + J}_1``
+        and ``mid_block_attentions_0`` to ``middle_block_1``: so <lora:...> puts a file's UNet key on the module the
+        engine edited. Its 3 is SD's 2 res blocks per level (+1): another layout is refused. Read, never written."""
+        return a1111_kv_modules(self.sd_model.model.diffusion_model)
+
     def modules(self) -> list[nn.Module]:
         return [self.clip, self.sd_model.model]
+
+
+A1111_RES_BLOCKS = 2  # convert_diffusers_name_to_compvis's block arithmetic (1 + 3B + J, 3B + J) assumes 2 per level
+
+
+def a1111_kv_modules(unet: nn.Module) -> dict[str, nn.Module]:
+    """{canonical name: module} of an ldm UNetModel's cross-attention to_k/to_v, as A1111's Lora extension names
+    them (see A1111Backend.cross_attention_kv)."""
+    from unlearn_core.kv_edit import UnsupportedOption, ldm_kv_modules
+
+    blocks = getattr(unet, "num_res_blocks", None)
+    blocks = list(blocks) if isinstance(blocks, (list, tuple)) else [blocks]
+    if not hasattr(unet, "input_blocks") or any(b != A1111_RES_BLOCKS for b in blocks):
+        raise UnsupportedOption(f"unet_kv_edit: this UNet ({type(unet).__name__}, res blocks per level {blocks}) is not "
+                                "laid out as SD 2.x's, whose block numbers A1111's Lora loader assumes: turn the "
+                                "option off")
+    return ldm_kv_modules(unet, A1111_RES_BLOCKS)

@@ -29,7 +29,7 @@ from unlearn_core.backend import UnsupportedModelError
 from unlearn_core.images import ImageInputError, prepare
 from unlearn_core.methods import ROBUST_ROUNDS, method_config
 from unlearn_core.plots import loss_curve
-from unlearn_core import stacking
+from unlearn_core import kv_edit, stacking
 from unlearn_core.tokens import token_file_stem
 
 BACKEND = "concept_unlearn_a1111_backend"  # registered by the tab (and tests) before they load this file
@@ -232,7 +232,7 @@ def _line(error: BaseException) -> str:
 
 def erase_config(host: Host, concept: str, synonyms: str, method_label: str, preset_label: str, steps: int,
                  rank: int, seed: int, kind: str = "object", anchor: str = "", preserve: str = "",
-                 keep: str = "", contexts: str = "", robust: bool = False) -> EraseConfig:
+                 keep: str = "", contexts: str = "", robust: bool = False, unet_kv_edit: bool = False) -> EraseConfig:
     """The engine's method table decides; the paper preset keeps its own layers, steps and lr (the Layers and
     Steps inputs are not used) and saves its full-weight deltas at the Rank slider's rank by SVD."""
     prompts = split_list(preserve)
@@ -241,7 +241,8 @@ def erase_config(host: Host, concept: str, synonyms: str, method_label: str, pre
                          seed=int(seed), preset=PRESETS.get(preset_label, preset_label), rank=int(rank),
                          preserve=prompts + ("",) if prompts else None, keep=split_lines(keep),
                          contexts=split_lines(contexts), lr=host.lr or None,
-                         adversarial_rounds=ROBUST_ROUNDS if robust else None)
+                         adversarial_rounds=ROBUST_ROUNDS if robust else None,
+                         unet_kv_edit=True if unet_kv_edit else None)
 
 
 def split_lines(text: str) -> tuple[str, ...]:
@@ -252,12 +253,15 @@ def split_lines(text: str) -> tuple[str, ...]:
 def do_erase(host: Host, images, concept: str, synonyms: str, token: str, method_label: str,
              preset_label: str, steps: int, rank: int, seed: int, name: str = "", progress=None,
              kind: str = "object", anchor: str = "", preserve: str = "", keep: str = "", contexts: str = "",
-             robust: bool = False):
+             robust: bool = False, unet_kv_edit: bool = False):
     """Train an erasure adapter and save it to models/Lora. Returns (message, adapter path, loss curve).
+
+    ``unet_kv_edit`` (contextual): the UNet key/value edit is written into the same file (lora_unet_* keys, which
+    A1111's Lora extension applies to the UNet with the same <lora:name:1>)
 
     ``token``: optional concept token, a name or file in embeddings/ (its vectors join the erase prompts)."""
     config = erase_config(host, concept, synonyms, method_label, preset_label, steps, rank, seed, kind, anchor,
-                          preserve, keep, contexts, robust)
+                          preserve, keep, contexts, robust, unet_kv_edit)
     stem = file_stem(name or config.concept)
     path = Path(host.lora_dir) / f"{stem}.safetensors"
     if path.exists() and not host.overwrite:
@@ -270,7 +274,8 @@ def do_erase(host: Host, images, concept: str, synonyms: str, token: str, method
     with backend.session():
         result = erase(backend, config, images=pictures, token=concept_token,
                        callback=callback_for(host.state, progress, "Erase"))
-    write_adapter(path, result.deltas, base_fingerprint(backend), result.info(), overwrite=host.overwrite)
+    write_adapter(path, result.deltas, base_fingerprint(backend), result.info(), overwrite=host.overwrite,
+                  unet=result.unet_deltas)
     paper = (f" Paper settings: {config.steps} steps at lr {config.lr:g} (the Layers and Steps inputs are not used); the full-"
              f"weight deltas were saved as a rank-{config.lora.compress_rank} LoRA by SVD (the Rank slider)."
              if METHODS.get(method_label, method_label) == "fewshot-paper" else "")
@@ -315,7 +320,8 @@ def do_audit(host: Host, images, adapter: str, steps: int, seed: int, progress=N
     with backend.session():
         base = learn_token(backend, pictures, config, callback=callback_for(host.state, progress, "Audit base"))
         # the adapter is fixed during the attack: no gradients for it (a full .diff adapter's would be ~0.8 GB)
-        with loaded.deltas.to(backend.device).requires_grad_(False).inject(backend.linear):
+        with loaded.deltas.to(backend.device).requires_grad_(False).inject(backend.linear), \
+                kv_edit.applied(loaded.unet, backend):  # the file's UNet key/value edit too, as <lora:...> applies it
             attacked = learn_token(backend, pictures, config, callback=callback_for(host.state, progress, "Audit"))
     tail = max(1, len(base.history) // 5)
     b = sum(h["loss"] for h in base.history[-tail:]) / tail

@@ -63,11 +63,11 @@ def on_ui_tabs():
     import gradio as gr
 
     def erase_click(files, concept, synonyms, token, method, preset, steps, rank, seed, name, kind, anchor, preserve,
-                    keep, contexts, robust, progress=gr.Progress()):
+                    keep, contexts, robust, unet_kv_edit, progress=gr.Progress()):
         message, path, curve = logic.do_erase(logic.a1111_host(), files, concept, synonyms, token, method, preset,
                                               steps, rank, seed, name=name, progress=progress, kind=kind,
                                               anchor=anchor, preserve=preserve, keep=keep, contexts=contexts,
-                                              robust=robust)
+                                              robust=robust, unet_kv_edit=unet_kv_edit)
         adapter = gr.Dropdown.update(choices=_choices("lora"), value=Path(path).stem) if path else gr.Dropdown.update()
         return message, curve, adapter
 
@@ -148,6 +148,9 @@ def on_ui_tabs():
                                           elem_id="concept_unlearn_contexts")
                     robust = gr.Checkbox(label="Robust: erase tokens learned against the adapter too (contextual; "
                                                "needs images; slower)", value=False, elem_id="concept_unlearn_robust")
+                    unet_kv_edit = gr.Checkbox(label="UNet key/value edit: also change what the UNet reads of the "
+                                                     "text (contextual; seconds; the same <lora:...> applies it)",
+                                               value=False, elem_id="concept_unlearn_unet_kv_edit")
                     preserve = gr.Textbox(label="Prompts to preserve (comma-separated; empty: defaults)",
                                           elem_id="concept_unlearn_preserve")
                 with gr.Accordion("Learn a concept token (textual inversion)", open=False):
@@ -194,7 +197,8 @@ def on_ui_tabs():
                 curve = gr.Image(label="Loss curve", type="pil", interactive=False, elem_id="concept_unlearn_curve")
 
         run.click(erase_click, inputs=[files, concept, synonyms, token, method, preset, steps, rank, seed, name, kind,
-                                       anchor, preserve, keep, contexts, robust], outputs=[message, curve, adapter])
+                                       anchor, preserve, keep, contexts, robust, unet_kv_edit],
+                  outputs=[message, curve, adapter])
         learn.click(learn_click, inputs=[files, token_name, init_word, kind, token_steps, seed, n_vectors],
                     outputs=[message, curve, token])
         audit.click(audit_click, inputs=[files, adapter, audit_steps, seed], outputs=[message, curve])

@@ -94,6 +94,54 @@ def kv_modules(backend) -> dict[str, nn.Module]:
     return modules
 
 
+# LDM (CompVis / Stability openaimodel UNetModel, as ComfyUI and A1111 hold SD2) names of the same projections
+_LDM_RE = re.compile(rf"^(?:(input_blocks|output_blocks)\.({_N})|(middle_block))\.1\.(transformer_blocks\.{_N}\.attn2\.to_[kv])\Z")
+
+
+def name_from_ldm(ldm_name: str, res_blocks: int = 2) -> str | None:
+    """The canonical (diffusers) name of an LDM UNet's cross-attention key/value projection, or None when
+    ``ldm_name`` is not one. ``res_blocks``: res blocks per level (SD2: 2; down level b holds input blocks
+    1 + b*(res_blocks+1) + j, j < res_blocks, its downsampler the last slot; up level b holds output blocks
+    b*(res_blocks+1) + j, j <= res_blocks). The inverse of what diffusers' single-file loader, ComfyUI's
+    ``comfy.utils.unet_to_diffusers`` and A1111's ``convert_diffusers_name_to_compvis`` (for 2) map."""
+    match = _LDM_RE.match(ldm_name)
+    if not match:
+        return None
+    kind, index, middle, rest = match.groups()
+    if middle:
+        return f"mid_block.attentions.0.{rest}"
+    level, slot = divmod(int(index) - (1 if kind == "input_blocks" else 0), res_blocks + 1)
+    if kind == "input_blocks":
+        if int(index) < 1 or slot >= res_blocks:  # input block 0 is conv_in, slot res_blocks the downsampler
+            return None
+        return f"down_blocks.{level}.attentions.{slot}.{rest}"
+    return f"up_blocks.{level}.attentions.{slot}.{rest}"
+
+
+def ldm_name(name: str, res_blocks: int = 2) -> str:
+    """The LDM path of a canonical name (the inverse of ``name_from_ldm``)."""
+    if not is_kv_name(name):
+        raise ValueError(f"{name!r} is not a cross-attention key/value projection of the UNet")
+    parts = name.split(".")
+    rest = ".".join(parts[4:] if parts[0] != "mid_block" else parts[3:])
+    if parts[0] == "mid_block":
+        return f"middle_block.1.{rest}"
+    level, slot = int(parts[1]), int(parts[3])
+    if parts[0] == "down_blocks":
+        return f"input_blocks.{1 + level * (res_blocks + 1) + slot}.1.{rest}"
+    return f"output_blocks.{level * (res_blocks + 1) + slot}.1.{rest}"
+
+
+def ldm_kv_modules(unet: nn.Module, res_blocks: int) -> dict[str, nn.Module]:
+    """An LDM UNet's cross-attention to_k/to_v linears by canonical name (``unet``: the ``diffusion_model``)."""
+    out = {}
+    for path, module in unet.named_modules():
+        name = name_from_ldm(path, res_blocks)
+        if name is not None and isinstance(module, nn.Linear):
+            out[name] = module
+    return out
+
+
 # ---------------------------------------------------------------------------- the closed form (pure)
 
 class Statistics:
