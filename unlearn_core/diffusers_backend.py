@@ -83,6 +83,47 @@ class DiffusersBackend:
     def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
         return self.text_encoder(ids.to(self.text_encoder.device))[0]
 
+    def _text_stages(self):
+        """The text encoder's transformer layers and its final norm (transformers 4.x nests them in text_model)."""
+        model = getattr(self.text_encoder, "text_model", self.text_encoder)
+        return model.encoder.layers, model.final_layer_norm
+
+    def encode_capturing(self, ids: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``encode_ids(ids)`` and the input hidden states [B, L, width] of transformer layer ``layer`` in that same
+        forward pass (with the other arguments the host passes that layer, kept for ``encode_from``)."""
+        layers, _ = self._text_stages()
+        seen = {}
+
+        def grab(_module, args, kwargs):
+            seen["hidden"] = (args[0] if args else kwargs["hidden_states"]).detach()
+            seen["call"] = (len(seen["hidden"]), args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"})
+
+        handle = layers[layer].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            cond = self.encode_ids(ids)
+        finally:
+            handle.remove()
+        self._layer_call = seen["call"]
+        return cond, seen["hidden"]
+
+    def encode_from(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
+        """The conditioning from the input hidden states of layer ``layer`` (``encode_capturing``'s): layers
+        ``layer..`` and the final norm, called as the host's forward calls them (masks resized to the batch)."""
+        layers, final_norm = self._text_stages()
+        batch, args, kwargs = self._layer_call
+
+        def resized(value):  # per-batch tensors (the causal mask) taken for this batch
+            if torch.is_tensor(value) and value.ndim >= 2 and value.shape[0] == batch and batch != len(hidden):
+                return value[:1].expand(len(hidden), *value.shape[1:])
+            return value
+
+        args = tuple(resized(a) for a in args)
+        kwargs = {k: resized(v) for k, v in kwargs.items()}
+        for module in layers[layer:]:
+            out = module(hidden, *args, **kwargs)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return final_norm(hidden)
+
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         return encode_in_batches(self._encode_batch, images)
 

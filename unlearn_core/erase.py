@@ -14,6 +14,7 @@ from .contexts import build_contexts, erase_pairs, fill, keep_prompts
 from .inversion import encode_latents, learn_token
 from .kv_edit import KVDeltas
 from .lora import Deltas, target_shapes
+from .prompt_cache import CACHES, PromptEncoder
 from .prompts import sample_prompts
 from .targets import resolve_targets
 from .tokens import ConceptToken, encode
@@ -105,10 +106,13 @@ def _noise_only_batch(backend: Backend, batch_size: int, generator: torch.Genera
 
 
 def erase(backend: Backend, config: EraseConfig, images: torch.Tensor | None = None,
-          token: ConceptToken | None = None, callback: Callback | None = None) -> EraseResult:
-    """Train deltas that erase ``config.concept`` (plus synonyms and ``token``) from the text encoder."""
+          token: ConceptToken | None = None, callback: Callback | None = None, cache=CACHES) -> EraseResult:
+    """Train deltas that erase ``config.concept`` (plus synonyms and ``token``) from the text encoder.
+
+    ``cache`` (contextual method): what its steps reuse, see ``prompt_cache`` ("ids": token ids, "layers": the
+    frozen lower layers' output when the deltas sit only on upper layers); ``()`` is the plain path, same result."""
     if config.method in CONDITIONING_METHODS:
-        return _erase_in_conditioning_space(backend, config, images, token, callback)
+        return _erase_in_conditioning_space(backend, config, images, token, callback, cache)
     if config.needs_images and (images is None or len(images) == 0):
         raise ValueError(f"method {config.method!r} needs example images of the concept; "
                          "give 4-5 images, or use method 'anchor'")
@@ -183,21 +187,6 @@ def _result(deltas: Deltas, config: EraseConfig, history, start: float, counter:
                        token.name if token else None, notes)
 
 
-def _encode_in_chunks(backend: Backend, prompts: list[str], token: ConceptToken | None,
-                      chunk: int = 64) -> torch.Tensor:
-    return torch.cat([encode(backend, prompts[i:i + chunk], token) for i in range(0, len(prompts), chunk)])
-
-
-def _encode_each(backend: Backend, prompts: list[str], tokens: list[ConceptToken | None]) -> torch.Tensor:
-    """Conditioning for prompts that may each carry a different token (``tokens[i]`` for ``prompts[i]``)."""
-    out = [None] * len(prompts)
-    for tok in {id(t): t for t in tokens}.values():
-        index = [i for i, t in enumerate(tokens) if t is tok]
-        for i, cond in zip(index, encode(backend, [prompts[i] for i in index], tok)):
-            out[i] = cond
-    return torch.stack(out)
-
-
 class _Counting:
     """One step count over the training phases and adversarial-token phases of a run, for progress bars."""
 
@@ -228,7 +217,7 @@ def _adversarial_token(backend: Backend, deltas: Deltas, config: EraseConfig, im
 
 
 def _erase_in_conditioning_space(backend: Backend, config: EraseConfig, images: torch.Tensor | None,
-                                 token: ConceptToken | None, callback: Callback | None) -> EraseResult:
+                                 token: ConceptToken | None, callback: Callback | None, cache=CACHES) -> EraseResult:
     """The contextual method: text encoder in, text encoder out; the frozen UNet is never called, except by the
     adversarial tokens of the robust option (``adversarial_rounds``), learned on the model as erased so far."""
     if config.adversarial_rounds and (images is None or len(images) == 0):
@@ -244,16 +233,17 @@ def _erase_in_conditioning_space(backend: Backend, config: EraseConfig, images: 
     if config.also:  # several concepts: none is another's target, neighbour or preserved prompt
         contexts, keep, neighbours, joint_notes = joint_prompts(config, contexts, keep)
     erase_prompts, erase_tokens, target_parts = [], [], []
+    encoder = PromptEncoder(backend, min(t.layer for t in deltas.targets), cache)  # tokenizes each prompt once
     counting = _Counting(callback, config.total_steps)
     unet = PassCounter(backend)
     history = []
 
     def anchor_conditioning(pairs: list[tuple[str, str]], per_context: int) -> torch.Tensor:
-        if config.anchor or not neighbours:
-            return _encode_in_chunks(backend, [anchor for _, anchor in pairs], None)
+        if config.anchor or not neighbours:  # frozen only: nothing of theirs is kept for training passes
+            return encoder.frozen([anchor for _, anchor in pairs], remember=False)
         # no anchor named, neighbours known: in each context the concept becomes its neighbours' average
         # (what the concept shares with its kind), not the bare context, which a model may still render as it
-        means = torch.stack([_encode_in_chunks(backend, [fill(c, k) for k in neighbours], None).mean(0)
+        means = torch.stack([encoder.frozen([fill(c, k) for k in neighbours], remember=False).mean(0)
                              for c in contexts])
         return means.repeat_interleave(per_context, dim=0)
 
@@ -262,7 +252,7 @@ def _erase_in_conditioning_space(backend: Backend, config: EraseConfig, images: 
         prompts = [prompt for prompt, _ in pairs]
         with torch.no_grad(), deltas.off():
             target_parts.append(objectives.negative_target(
-                anchor_conditioning(pairs, len(subjects)), _encode_in_chunks(backend, prompts, tok),
+                anchor_conditioning(pairs, len(subjects)), encoder.frozen(prompts, tok),
                 config.negative_guidance))
         erase_prompts.extend(prompts)
         erase_tokens.extend([tok] * len(prompts))
@@ -273,16 +263,20 @@ def _erase_in_conditioning_space(backend: Backend, config: EraseConfig, images: 
         if token is not None:
             add_subjects([token.name], token)
         with torch.no_grad(), deltas.off():
-            keep_cond = _encode_in_chunks(backend, keep, None) if keep else None
-            empty_cond = encode(backend, [""])
+            keep_cond = encoder.frozen(keep) if keep else None
+            empty_cond = encoder.frozen([""])
+            encoder.check()
             scale = target_parts[0].float().pow(2).mean()
+        joined = []  # the targets of every erase prompt in one tensor, joined again only when a phase adds some
 
         def loss_fn(_step):
-            targets = torch.cat(target_parts)
+            if not joined or len(joined[0]) != len(erase_prompts):
+                joined[:] = [torch.cat(target_parts)]
+            targets = joined[0]
             erase_index = torch.randperm(len(erase_prompts), generator=generator)[:config.prompt_batch].tolist()
             keep_index = torch.randperm(len(keep), generator=generator)[:config.prompt_batch] if keep else []
-            cond = _encode_each(backend, [erase_prompts[i] for i in erase_index] + [keep[i] for i in keep_index]
-                                + [""], [erase_tokens[i] for i in erase_index] + [None] * (len(keep_index) + 1))
+            cond = encoder([erase_prompts[i] for i in erase_index] + [keep[i] for i in keep_index] + [""],
+                           [erase_tokens[i] for i in erase_index] + [None] * (len(keep_index) + 1))
             n_erase, n_keep = len(erase_index), len(keep_index)
             terms = {"erase": objectives.conditioning_match(cond[:n_erase], targets[erase_index], scale),
                      "empty": objectives.conditioning_match(cond[-1:], empty_cond, scale)}
@@ -304,7 +298,7 @@ def _erase_in_conditioning_space(backend: Backend, config: EraseConfig, images: 
                 add_subjects([learned.token.name], learned.token)
             history += run(loss_fn, deltas.parameters(), optimizer, steps, counting, scaler=scaler)
     joint = [f"{len(config.concepts)} concepts erased jointly: {config.concept_label}"] if config.also else []
-    notes = joint + joint_notes + [f"erased in {len(contexts)} contexts ({len(erase_prompts)} prompts), kept "
+    notes = joint + joint_notes + encoder.notes + [f"erased in {len(contexts)} contexts ({len(erase_prompts)} prompts), kept "
                                    f"{len(keep)} prompts and the empty one"] + (
         [f"{config.adversarial_rounds} adversarial token(s) learned and erased"] if config.adversarial_rounds else [])
     unet_deltas = kv_edit.after_erasure(backend, config, deltas, erase_prompts, erase_tokens, torch.cat(target_parts),

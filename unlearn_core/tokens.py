@@ -75,11 +75,11 @@ class ConceptToken:
         return self.vectors.shape[0]
 
 
-def encode(backend: Backend, prompts: list[str], token: ConceptToken | None = None) -> torch.Tensor:
-    """Conditioning for prompts; occurrences of ``token.name`` use the token's vectors (differentiably)."""
+def token_ids(backend: Backend, prompts: list[str], token: ConceptToken | None = None):
+    """Token ids [B, L] for prompts and, when ``token`` occurs in them, the mask [B, L] of its slots (else None)."""
     pattern = _occurrences(token.name) if token is not None else None
     if pattern is None or not any(pattern.search(p) for p in prompts):
-        return backend.encode_ids(backend.tokenize(prompts))
+        return backend.tokenize(prompts), None
     n = token.n_vectors
 
     def fill(word: str) -> list[str]:
@@ -91,8 +91,16 @@ def encode(backend: Backend, prompts: list[str], token: ConceptToken | None = No
     expected = torch.tensor([len(pattern.findall(p)) * n for p in prompts])
     if not torch.equal(mask.sum(dim=1).cpu(), expected):
         raise ValueError(f"a prompt is too long to hold the token {token.name!r}: shorten it")
+    return first, mask
+
+
+def encode(backend: Backend, prompts: list[str], token: ConceptToken | None = None) -> torch.Tensor:
+    """Conditioning for prompts; occurrences of ``token.name`` use the token's vectors (differentiably)."""
+    ids, mask = token_ids(backend, prompts, token)
+    if mask is None:
+        return backend.encode_ids(ids)
     with spliced_embeddings(backend.token_embedding(), mask, token.vectors):
-        return backend.encode_ids(first)
+        return backend.encode_ids(ids)
 
 
 def init_vectors(backend: Backend, init_word: str, n_vectors: int) -> torch.Tensor:
