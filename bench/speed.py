@@ -60,6 +60,12 @@ def _reset_peak() -> bool:
         return False
 
 
+def _now() -> tuple[float, float]:
+    """(wall-clock, this process's CPU time) in seconds: on a shared machine the CPU time of a one-thread run is the
+    steadier measure of work; both are reported."""
+    return time.perf_counter(), time.process_time()
+
+
 def _build(size: str):
     """A pipeline whose text encoder has the size's shapes (full: SD2's, 23 layers x 1024, 77 tokens). UNet and
     VAE are small: the contextual method never calls them."""
@@ -107,12 +113,12 @@ def _job(backend, config, cache) -> list[float]:
     from unlearn_core.adapter_io import base_fingerprint, write_adapter
     from unlearn_core.erase import erase
 
-    stamps = [time.perf_counter()]
-    result = erase(backend, config, callback=lambda _info: stamps.append(time.perf_counter()), cache=cache)
+    stamps = [_now()]
+    result = erase(backend, config, callback=lambda _info: stamps.append(_now()), cache=cache)
     assert result.unet_calls == 0
     with tempfile.TemporaryDirectory() as folder:
         write_adapter(Path(folder) / "erased.safetensors", result.deltas, base_fingerprint(backend), result.info())
-        stamps.append(time.perf_counter())
+        stamps.append(_now())
     return stamps
 
 
@@ -133,12 +139,12 @@ def _bare(backend, config) -> list[float]:
     ids = backend.tokenize([p for p, _ in erase[:n_erase]] + keep[:n_keep] + [""])
     deltas = _deltas(backend, config)
     params = list(deltas.parameters())
-    stamps = [time.perf_counter()]
+    stamps = [_now()]
     with training_context(backend), deltas.inject(backend.linear):
         for _ in range(config.steps):
             loss = backend.encode_ids(ids).float().pow(2).mean()
             torch.autograd.grad(loss, params)
-            stamps.append(time.perf_counter())
+            stamps.append(_now())
     return stamps
 
 
@@ -207,11 +213,11 @@ def reference_erase(backend, config, callback=None):
 def _reference(backend, config) -> list[float]:
     from unlearn_core.adapter_io import base_fingerprint, write_adapter
 
-    stamps = [time.perf_counter()]
-    deltas, _ = reference_erase(backend, config, callback=lambda _step: stamps.append(time.perf_counter()))
+    stamps = [_now()]
+    deltas, _ = reference_erase(backend, config, callback=lambda _step: stamps.append(_now()))
     with tempfile.TemporaryDirectory() as folder:
         write_adapter(Path(folder) / "erased.safetensors", deltas, base_fingerprint(backend), {})
-        stamps.append(time.perf_counter())
+        stamps.append(_now())
     return stamps
 
 
@@ -230,13 +236,25 @@ def measure(variant: str, opts: dict) -> dict:
     else:
         stamps = _reference(backend, config)
     end = stamps.pop()
-    steps = [b - a for a, b in zip(stamps[1:], stamps[2:])]  # the timed steps, after the first (warm-up/setup)
-    per_step = statistics.median(steps)
-    first = stamps[1] - stamps[0]
+
+    def series(k):  # median of the timed steps (after the first: warm-up / setup), setup, writing the file
+        times = [stamp[k] for stamp in stamps]
+        steps = [b - a for a, b in zip(times[1:], times[2:])]
+        per_step = statistics.median(steps)
+        return (per_step, max(times[1] - times[0] - per_step, 0.0), (end[k] - times[-1]) if end else 0.0,
+                len(steps))
+
+    per_step, setup, finish, timed = series(1)
+    wall_step, wall_setup, _, _ = series(0)
     peak = _status("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
     _, erase, keep, _ = prompt_pools(config)
-    return {"variant": variant, "per_step": per_step, "setup": max(first - per_step, 0.0),
-            "finish": (end - stamps[-1]) if end is not None else 0.0, "timed_steps": len(steps),
+    step_prompts = [p for p, _ in erase[:config.prompt_batch]] + keep[:config.prompt_batch] + [""]
+    start = time.process_time()
+    for _ in range(20):  # what the token-id cache takes out of every step
+        backend.tokenize(step_prompts)
+    tokenize = (time.process_time() - start) / 20
+    return {"variant": variant, "tokenize_step": tokenize, "per_step": per_step, "setup": setup, "finish": finish,
+            "timed_steps": timed, "wall_step": wall_step, "wall_setup": wall_setup,
             "model_mb": model_mb, "run_peak_mb": peak - model_mb if reset else None, "peak_rss_mb": peak,
             "erase_prompts": len(erase), "keep_prompts": len(keep),
             "prompts_per_step": min(config.prompt_batch, len(erase)) + min(config.prompt_batch, len(keep)) + 1}
@@ -260,8 +278,8 @@ def _projected(row: dict, steps: int) -> float:
     return row["setup"] + steps * row["per_step"] + row["finish"]
 
 
-def main_table(opts: dict, finals: list[int]) -> None:
-    rows = {v: _child(v, opts) for v in VARIANTS}
+def main_table(opts: dict, finals: list[int], variants=VARIANTS) -> None:
+    rows = {v: _child(v, opts) for v in variants}
     for k in finals:
         final = opts | {"preset": "final", "last_k": k}
         for v in ("bare", "job", "job-plain"):
@@ -272,13 +290,16 @@ def main_table(opts: dict, finals: list[int]) -> None:
           f"{SIZES[opts['size']]['width']}, 77 tokens), random weights, CPU, {opts['prompt_batch']} prompts per "
           f"batch ({job['prompts_per_step']} per step: erase + keep + empty), {job['erase_prompts']} erase / "
           f"{job['keep_prompts']} keep prompts ({opts['max_contexts']} contexts), {opts['timed_steps']} timed "
-          f"steps after one warm-up step per variant; 'job {steps}' = setup + {steps} x s/step + writing the file")
-    print(f"\n| variant | s/step | x bare | setup s | job {steps} steps s | x bare | model RSS MB | run peak MB "
-          f"(above model) |\n|---|---|---|---|---|---|---|---|")
+          f"steps after one warm-up step per variant, {opts['threads'] or 'default'} thread(s); CPU = the process's CPU "
+          f"seconds (steadier than wall time on this shared machine; wall shown too); 'job {steps}' = setup + {steps} x "
+          "s/step + writing the file, from the measured parts")
+    print(f"\n| variant | CPU s/step | x bare | wall s/step | setup CPU s | job {steps} steps CPU s | x bare | "
+          f"model RSS MB | run peak MB (above model) |\n|---|---|---|---|---|---|---|---|---|")
     for name, row in rows.items():
         ref = rows["bare" + name[len(name.split()[0]):]]  # the bare row of the same preset
         total = _projected(row, steps)
-        print(f"| {name} | {row['per_step']:.3f} | {row['per_step'] / ref['per_step']:.2f} | {row['setup']:.2f} | "
+        print(f"| {name} | {row['per_step']:.3f} | {row['per_step'] / ref['per_step']:.2f} | {row['wall_step']:.3f} | "
+              f"{row['setup']:.2f} | "
               f"{total:.1f} | {total / (steps * ref['per_step']):.2f} | {row['model_mb']} | {row['run_peak_mb']} |")
     print(f"\noverhead = job / bare: per step {job['per_step'] / bare['per_step']:.3f}, whole {steps}-step job "
           f"{_projected(job, steps) / (steps * bare['per_step']):.3f}")
@@ -287,8 +308,11 @@ def main_table(opts: dict, finals: list[int]) -> None:
     for k in finals:
         cached, plain = rows[f"job final-{k}"], rows[f"job-plain final-{k}"]
         print(f"frozen-layer cache, preset final last_k {k}: {plain['per_step'] / cached['per_step']:.2f}x per step")
-    print(f"token-id cache (job-plain / job, default preset): {rows['job-plain']['per_step'] / job['per_step']:.3f}x "
-          "per step")
+    if "job-plain" in rows:
+        print(f"token-id cache (job-plain / job, default preset): {rows['job-plain']['per_step'] / job['per_step']:.3f}x"
+              " per step")
+    print(f"tokenizing one step's {job['prompts_per_step']} prompts takes {1000 * job['tokenize_step']:.1f} ms "
+          f"({100 * job['tokenize_step'] / job['per_step']:.2f} % of a job step), which the cache removes")
 
 
 def scale_table(opts: dict) -> None:
@@ -296,13 +320,15 @@ def scale_table(opts: dict) -> None:
             + [opts | {"prompt_batch": 16, "max_contexts": c} for c in (12, 48)]
             + [opts | {"prompt_batch": 16, "max_contexts": 24, "concepts": 5}])
     print(f"\nscale: contextual job, text encoder {opts['size']} ({SIZES[opts['size']]['layers']} layers x "
-          f"{SIZES[opts['size']]['width']}), {opts['timed_steps']} timed steps after one warm-up step\n")
-    print("| prompts/batch | contexts | concepts | erase / keep prompts | prompts/step | s/step | setup s | "
-          "run peak MB |\n|---|---|---|---|---|---|---|---|")
+          f"{SIZES[opts['size']]['width']}), {opts['timed_steps']} timed steps after one warm-up step, "
+          f"{opts['threads'] or 'default'} thread(s)\n")
+    print("| prompts/batch | contexts | concepts | erase / keep prompts | prompts/step | CPU s/step | wall s/step | "
+          "setup CPU s | run peak MB |\n|---|---|---|---|---|---|---|---|---|")
     for run in runs:
         row = _child("job", run)
         print(f"| {run['prompt_batch']} | {run['max_contexts']} | {run['concepts']} | {row['erase_prompts']} / "
-              f"{row['keep_prompts']} | {row['prompts_per_step']} | {row['per_step']:.3f} | {row['setup']:.2f} | "
+              f"{row['keep_prompts']} | {row['prompts_per_step']} | {row['per_step']:.3f} | {row['wall_step']:.3f} | "
+              f"{row['setup']:.2f} | "
               f"{row['run_peak_mb']} |")
 
 
@@ -314,9 +340,11 @@ def main() -> None:
     parser.add_argument("--max-contexts", type=int, default=48, help="EraseConfig.max_contexts (default 48)")
     parser.add_argument("--neighbours", type=int, default=2, choices=(0, 1, 2), help="keep words (neighbours)")
     parser.add_argument("--final", type=int, nargs="*", default=[1], help="last_k values of preset 'final' rows")
-    parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of the children (0: torch's own)")
+    parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the children (0: torch's own)")
     parser.add_argument("--scale", action="store_true", help="growth with prompts per step, contexts and concepts")
     parser.add_argument("--weighted", action="store_true", help="the weighted method's step (UNet) instead")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                        help="default-preset rows to measure (bare and job are always measured)")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -332,7 +360,7 @@ def main() -> None:
     elif args.scale:
         scale_table(opts)
     else:
-        main_table(opts, args.final)
+        main_table(opts, args.final, tuple(dict.fromkeys(["bare", "job", *args.variants])))
 
 
 # ---------------------------------------------------------------------------- the weighted method (UNet passes)

@@ -65,6 +65,10 @@ class Backend(Protocol):
     width       text-encoder hidden size (SD2: 1024)
     device      where training runs
     schedule    the UNet's NoiseSchedule
+
+    Optional (the contextual method's frozen-layer cache, ``prompt_cache``; without them every step runs the
+    whole text encoder): ``encode_capturing(ids, layer) -> (conditioning, input hidden states of that layer)``
+    and ``encode_from(hidden, layer) -> conditioning`` (the diffusers backend has them).
     """
 
     num_layers: int
