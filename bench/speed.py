@@ -66,9 +66,10 @@ def _now() -> tuple[float, float]:
     return time.perf_counter(), time.process_time()
 
 
-def _build(size: str):
+def _build(size: str, full_unet: bool = False):
     """A pipeline whose text encoder has the size's shapes (full: SD2's, 23 layers x 1024, 77 tokens). UNet and
-    VAE are small: the contextual method never calls them."""
+    VAE are small (the contextual method never calls them), except the UNet with ``full_unet`` (SD2's: the key/value
+    edit reads and edits its cross-attention projections)."""
     import torch
 
     from unlearn_core.diffusers_backend import CONFIG_DIR, DiffusersBackend
@@ -81,6 +82,10 @@ def _build(size: str):
         from transformers import CLIPTextConfig, CLIPTextModel
 
         pipe.text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(str(CONFIG_DIR / "text_encoder")))
+    if full_unet:
+        from diffusers import UNet2DConditionModel
+
+        pipe.unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(CONFIG_DIR / "unet")))
     pipe.text_encoder.eval()
     return DiffusersBackend(pipe)
 
@@ -92,7 +97,7 @@ def job_config(opts: dict):
     return method_config("contextual", CONCEPT, steps=opts["steps"] + 1, contexts=CAPTIONS,
                          keep=KEEP[:opts["neighbours"]], max_contexts=opts["max_contexts"],
                          prompt_batch=opts["prompt_batch"], preset=opts["preset"], last_k=opts["last_k"],
-                         also=also or None)
+                         also=also or None, unet_kv_edit=opts.get("kv", False))
 
 
 def prompt_pools(config):
@@ -117,7 +122,8 @@ def _job(backend, config, cache) -> list[float]:
     result = erase(backend, config, callback=lambda _info: stamps.append(_now()), cache=cache)
     assert result.unet_calls == 0
     with tempfile.TemporaryDirectory() as folder:
-        write_adapter(Path(folder) / "erased.safetensors", result.deltas, base_fingerprint(backend), result.info())
+        write_adapter(Path(folder) / "erased.safetensors", result.deltas, base_fingerprint(backend), result.info(),
+                      unet=result.unet_deltas)
         stamps.append(_now())
     return stamps
 
@@ -225,7 +231,7 @@ def measure(variant: str, opts: dict) -> dict:
     import torch
 
     torch.manual_seed(0)
-    backend = _build(opts["size"])
+    backend = _build(opts["size"], full_unet=opts.get("kv", False) and opts["size"] == "full")
     config = job_config(opts)
     model_mb = _status("VmRSS")
     reset = _reset_peak()
@@ -278,8 +284,10 @@ def _projected(row: dict, steps: int) -> float:
     return row["setup"] + steps * row["per_step"] + row["finish"]
 
 
-def main_table(opts: dict, finals: list[int], variants=VARIANTS) -> None:
+def main_table(opts: dict, finals: list[int], variants=VARIANTS, kv: bool = False) -> None:
     rows = {v: _child(v, opts) for v in variants}
+    if kv:
+        rows["job + kv edit"] = _child("job", opts | {"kv": True})
     for k in finals:
         final = opts | {"preset": "final", "last_k": k}
         for v in ("bare", "job", "job-plain"):
@@ -296,7 +304,7 @@ def main_table(opts: dict, finals: list[int], variants=VARIANTS) -> None:
     print(f"\n| variant | CPU s/step | x bare | wall s/step | setup CPU s | job {steps} steps CPU s | x bare | "
           f"model RSS MB | run peak MB (above model) |\n|---|---|---|---|---|---|---|---|---|")
     for name, row in rows.items():
-        ref = rows["bare" + name[len(name.split()[0]):]]  # the bare row of the same preset
+        ref = rows["bare" + (name[len(name.split()[0]):] if "final" in name else "")]  # bare of the same preset
         total = _projected(row, steps)
         print(f"| {name} | {row['per_step']:.3f} | {row['per_step'] / ref['per_step']:.2f} | {row['wall_step']:.3f} | "
               f"{row['setup']:.2f} | "
@@ -345,6 +353,8 @@ def main() -> None:
     parser.add_argument("--weighted", action="store_true", help="the weighted method's step (UNet) instead")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
                         help="default-preset rows to measure (bare and job are always measured)")
+    parser.add_argument("--kv", action="store_true", help="add a row with the UNet key/value edit (unet_kv_edit), "
+                        "full SD2 UNet at --size full; the other rows run without it")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -360,7 +370,7 @@ def main() -> None:
     elif args.scale:
         scale_table(opts)
     else:
-        main_table(opts, args.final, tuple(dict.fromkeys(["bare", "job", *args.variants])))
+        main_table(opts, args.final, tuple(dict.fromkeys(["bare", "job", *args.variants])), args.kv)
 
 
 # ---------------------------------------------------------------------------- the weighted method (UNet passes)
