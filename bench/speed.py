@@ -39,7 +39,8 @@ KEEP = ("a blue star", "a red circle")
 CAPTIONS = ("a {} on dots", "a {} as a sketch", "a big {} on a plain background", "a small {} with stripes",
             "a {} in the corner", "a tilted {} on a white page", "a faded {} on stripes", "a bright {} drawn in ink")
 OTHER_CONCEPTS = ("a green hexagon", "a purple ring", "a yellow cross", "an orange diamond")  # joint runs
-SIZES = {"full": dict(layers=23, width=1024), "reduced": dict(layers=23, width=256), "tiny": dict(layers=4, width=32)}
+SIZES = {"full": dict(layers=23, width=1024), "reduced": dict(layers=23, width=256), "small": dict(layers=8, width=512),
+         "tiny": dict(layers=4, width=32)}
 VARIANTS = ("bare", "job", "job-plain", "reference")
 
 
@@ -301,18 +302,19 @@ def main_table(opts: dict, finals: list[int], variants=VARIANTS, kv: bool = Fals
           f"steps after one warm-up step per variant, {opts['threads'] or 'default'} thread(s); CPU = the process's CPU "
           f"seconds (steadier than wall time on this shared machine; wall shown too); 'job {steps}' = setup + {steps} x "
           "s/step + writing the file, from the measured parts")
-    print(f"\n| variant | CPU s/step | x bare | wall s/step | setup CPU s | job {steps} steps CPU s | x bare | "
-          f"model RSS MB | run peak MB (above model) |\n|---|---|---|---|---|---|---|---|---|")
+    print(f"\n| variant | CPU s/step | x bare | wall s/step | setup CPU s | after training CPU s | job {steps} steps "
+          f"CPU s | x bare | model RSS MB | run peak MB (above model) |\n|---|---|---|---|---|---|---|---|---|---|")
     for name, row in rows.items():
         ref = rows["bare" + (name[len(name.split()[0]):] if "final" in name else "")]  # bare of the same preset
         total = _projected(row, steps)
         print(f"| {name} | {row['per_step']:.3f} | {row['per_step'] / ref['per_step']:.2f} | {row['wall_step']:.3f} | "
-              f"{row['setup']:.2f} | "
-              f"{total:.1f} | {total / (steps * ref['per_step']):.2f} | {row['model_mb']} | {row['run_peak_mb']} |")
+              f"{row['setup']:.2f} | {row['finish']:.2f} | {total:.1f} | {total / (steps * ref['per_step']):.2f} | "
+              f"{row['model_mb']} | {row['run_peak_mb']} |")
     print(f"\noverhead = job / bare: per step {job['per_step'] / bare['per_step']:.3f}, whole {steps}-step job "
           f"{_projected(job, steps) / (steps * bare['per_step']):.3f}")
-    print(f"speedup = reference / job: per step {rows['reference']['per_step'] / job['per_step']:.2f}, whole job "
-          f"{_projected(rows['reference'], steps) / _projected(job, steps):.2f}")
+    if "reference" in rows:
+        print(f"speedup = reference / job: per step {rows['reference']['per_step'] / job['per_step']:.2f}, whole job "
+              f"{_projected(rows['reference'], steps) / _projected(job, steps):.2f}")
     for k in finals:
         cached, plain = rows[f"job final-{k}"], rows[f"job-plain final-{k}"]
         print(f"frozen-layer cache, preset final last_k {k}: {plain['per_step'] / cached['per_step']:.2f}x per step")
