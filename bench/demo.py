@@ -27,7 +27,9 @@ def write_report(out: Path, report: dict) -> Path:
         "",
         f"The bundled mini model (Stable Diffusion 2 architecture, trained on a procedural world of shapes, colours "
         f"and styles) was shown {report['images']} example images of {concept} with their captions. Concept Unlearn "
-        f"trained a text-encoder LoRA with the `{report['method']}` method to erase "
+        f"trained a text-encoder LoRA with the `{report['method']}` method"
+        f"{' (then edited the UNet cross-attention keys/values in closed form)' if report.get('unet_kv_edit') else ''}"
+        " to erase "
         f"{', '.join(repr(p) for p in report['erase_phrases'])} inside those captions (and their cross-overs), "
         f"keeping {len(report['keep'])} neighbours ({', '.join(report['keep'][:4])}, ...). "
         "A classifier judges every generated image; kept prompts count only when every attribute they name survives.",

@@ -292,7 +292,7 @@ def evaluate(concept: str, method: str, n_images: int, prompt_sets: dict, model_
               "compress_rank": config.lora.compress_rank, "images": n_images, "seed": seed,
               "erase_phrases": [config.concept, *config.synonyms] + ([erase_token.name] if erase_token else []),
               "held_out_phrase": world.phrasings(concept)[held_out_index(concept)],
-              "keep": list(config.keep), "contexts": list(config.contexts)}
+              "keep": list(config.keep), "contexts": list(config.contexts), "unet_kv_edit": config.unet_kv_edit}
     log(f"generating and classifying {sum(map(len, prompt_sets.values()))} prompts after erasure")
     for name, entries in prompt_sets.items():
         after, pictures = count(entries, deltas=result.deltas, unet=result.unet_deltas)

@@ -191,7 +191,7 @@ class UnlearnConceptLoRA:
                                        "re-learning better; needs images; slower)."}),
                 "gradient_surgery": ("BOOLEAN", {"default": False, "tooltip": "DoCo: drop the part of the erase "
                                                  "gradient that conflicts with keeping the preserve prompts."}),
-                "unet_kv_edit": ("BOOLEAN", {"default": False, "tooltip": "contextual: also edit what the UNet "
+                "unet_kv_edit": ("BOOLEAN", {"default": True, "tooltip": "contextual (other methods ignore it): also edit what the UNet "
                                  "reads of the text (a closed-form change of its cross-attention key/value "
                                  "projections, seconds; resists re-learned tokens better). The adapter then "
                                  "patches the MODEL too: connect the MODEL to Apply Erasure Adapter (or use the "
@@ -202,19 +202,19 @@ class UnlearnConceptLoRA:
 
     @staticmethod
     def config(concept, synonyms, method, kind, targets, steps, rank, learning_rate, anchor, preserve, seed,
-               gradient_surgery=False, keep="", contexts="", robust=False, unet_kv_edit=False):
+               gradient_surgery=False, keep="", contexts="", robust=False, unet_kv_edit=True):
         return method_config(method, concept, synonyms=host.split_list(synonyms), kind=kind,
                              anchor=anchor.strip() or None, seed=seed, steps=steps, lr=learning_rate,
                              preset=targets, rank=rank, preserve=host.split_lines(preserve) + ("",),
                              keep=host.split_lines(keep), contexts=host.split_lines(contexts),
                              gradient_surgery=bool(gradient_surgery) or None,
                              adversarial_rounds=ROBUST_ROUNDS if robust else None,
-                             unet_kv_edit=True if unet_kv_edit else None)
+                             unet_kv_edit=bool(unet_kv_edit))
 
     @readable_errors(PACKAGE)
     def run(self, model, clip, vae, concept, synonyms, method, kind, targets, steps, rank, learning_rate,
             anchor, keep, contexts, preserve, resolution, seed, images=None, concept_token=None,
-            robust=False, gradient_surgery=False, unet_kv_edit=False, unique_id=None):
+            robust=False, gradient_surgery=False, unet_kv_edit=True, unique_id=None):
         config = self.config(concept, synonyms, method, kind, targets, steps, rank, learning_rate, anchor,
                              preserve, seed, gradient_surgery, keep, contexts, robust, unet_kv_edit)
         if config.needs_images and images is None:

@@ -232,7 +232,7 @@ def _line(error: BaseException) -> str:
 
 def erase_config(host: Host, concept: str, synonyms: str, method_label: str, preset_label: str, steps: int,
                  rank: int, seed: int, kind: str = "object", anchor: str = "", preserve: str = "",
-                 keep: str = "", contexts: str = "", robust: bool = False, unet_kv_edit: bool = False) -> EraseConfig:
+                 keep: str = "", contexts: str = "", robust: bool = False, unet_kv_edit: bool = True) -> EraseConfig:
     """The engine's method table decides; the paper preset keeps its own layers, steps and lr (the Layers and
     Steps inputs are not used) and saves its full-weight deltas at the Rank slider's rank by SVD."""
     prompts = split_list(preserve)
@@ -242,7 +242,7 @@ def erase_config(host: Host, concept: str, synonyms: str, method_label: str, pre
                          preserve=prompts + ("",) if prompts else None, keep=split_lines(keep),
                          contexts=split_lines(contexts), lr=host.lr or None,
                          adversarial_rounds=ROBUST_ROUNDS if robust else None,
-                         unet_kv_edit=True if unet_kv_edit else None)
+                         unet_kv_edit=bool(unet_kv_edit))
 
 
 def split_lines(text: str) -> tuple[str, ...]:
@@ -253,7 +253,7 @@ def split_lines(text: str) -> tuple[str, ...]:
 def do_erase(host: Host, images, concept: str, synonyms: str, token: str, method_label: str,
              preset_label: str, steps: int, rank: int, seed: int, name: str = "", progress=None,
              kind: str = "object", anchor: str = "", preserve: str = "", keep: str = "", contexts: str = "",
-             robust: bool = False, unet_kv_edit: bool = False):
+             robust: bool = False, unet_kv_edit: bool = True):
     """Train an erasure adapter and save it to models/Lora. Returns (message, adapter path, loss curve).
 
     ``unet_kv_edit`` (contextual): the UNet key/value edit is written into the same file (lora_unet_* keys, which

@@ -149,8 +149,8 @@ def on_ui_tabs():
                     robust = gr.Checkbox(label="Robust: erase tokens learned against the adapter too (contextual; "
                                                "needs images; slower)", value=False, elem_id="concept_unlearn_robust")
                     unet_kv_edit = gr.Checkbox(label="UNet key/value edit: also change what the UNet reads of the "
-                                                     "text (contextual; seconds; the same <lora:...> applies it)",
-                                               value=False, elem_id="concept_unlearn_unet_kv_edit")
+                                                     "text (contextual; other methods ignore it; the same <lora:...> applies it)",
+                                               value=True, elem_id="concept_unlearn_unet_kv_edit")
                     preserve = gr.Textbox(label="Prompts to preserve (comma-separated; empty: defaults)",
                                           elem_id="concept_unlearn_preserve")
                 with gr.Accordion("Learn a concept token (textual inversion)", open=False):

@@ -55,7 +55,9 @@ def test_full_mode_writes_diff_keys(tiny_model_dir, images_dir, tmp_path):
     with safe_open(str(adapter), "pt") as f:
         keys = list(f.keys())
         assert f.metadata()["concept_unlearn.mode"] == "full"
-    assert keys and all(k.endswith(".diff") for k in keys)
+    text_encoder = [k for k in keys if k.startswith("lora_te_")]
+    assert text_encoder and all(k.endswith(".diff") for k in text_encoder)
+    assert all(k.startswith("lora_unet_") for k in set(keys) - set(text_encoder))  # the default key/value edit
     assert main(["generate", "--model", str(tiny_model_dir), "--prompt", "a red square", "--adapter", str(adapter),
                  "--sample-steps", "2", "--out", str(tmp_path / "x.png")]) == 0
 

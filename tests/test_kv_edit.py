@@ -246,4 +246,4 @@ def test_cli_erase_with_unet_kv_edit_writes_one_file_that_generate_applies(capsy
                  "--sample-steps", "2", "--out", str(tmp_path / "after.png")]) == 0
     assert main(["erase", "--model", str(tiny_model_dir), "--concept", CONCEPT, "--method", "anchor",
                  "--unet-kv-edit", "--out", str(tmp_path / "refused.safetensors")]) == 2
-    assert "unet_kv_edit" in capsys.readouterr().err
+    assert "--unet-kv-edit: only the contextual method" in capsys.readouterr().err

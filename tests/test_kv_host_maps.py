@@ -162,13 +162,15 @@ def pack():
 def test_unlearn_node_offers_the_edit_and_apply_takes_the_model(pack):
     unlearn = pack.NODE_CLASS_MAPPINGS["UnlearnConceptLoRA|ConceptUnlearn"]
     spec = unlearn.INPUT_TYPES()["optional"]["unet_kv_edit"]
-    assert spec[0] == "BOOLEAN" and spec[1]["default"] is False and "MODEL" in spec[1]["tooltip"]
+    assert spec[0] == "BOOLEAN" and spec[1]["default"] is True and "MODEL" in spec[1]["tooltip"]  # the default
     assert list(unlearn.INPUT_TYPES()["optional"])[-1] == "unet_kv_edit"  # last widget: saved workflows keep theirs
     on = unlearn.config("a cat", "", "contextual", "object", "fewshot", 2, 2, 1e-3, "", "", 0, unet_kv_edit=True)
-    off = unlearn.config("a cat", "", "contextual", "object", "fewshot", 2, 2, 1e-3, "", "", 0)
-    assert on.unet_kv_edit and not off.unet_kv_edit
-    with pytest.raises(ValueError, match="contextual"):
-        unlearn.config("a cat", "", "anchor", "object", "fewshot", 2, 2, 1e-3, "", "", 0, unet_kv_edit=True)
+    default = unlearn.config("a cat", "", "contextual", "object", "fewshot", 2, 2, 1e-3, "", "", 0)
+    off = unlearn.config("a cat", "", "contextual", "object", "fewshot", 2, 2, 1e-3, "", "", 0, unet_kv_edit=False)
+    assert on.unet_kv_edit and default.unet_kv_edit and not off.unet_kv_edit
+    # the one switch is the contextual method's: the others ignore it (as the tooltip says)
+    anchor = unlearn.config("a cat", "", "anchor", "object", "fewshot", 2, 2, 1e-3, "", "", 0, unet_kv_edit=True)
+    assert not anchor.unet_kv_edit
     apply_ = pack.NODE_CLASS_MAPPINGS["ApplyErasureAdapter|ConceptUnlearn"]
     declared = apply_.INPUT_TYPES()
     assert list(declared["required"]) == ["clip", "strength", "lora_name"]  # widgets as before

@@ -90,6 +90,8 @@ def erase_config_from_args(args):
     from .methods import method_config
 
     method = "fewshot-paper" if args.paper_settings else args.method
+    if args.unet_kv_edit and method != "contextual":
+        raise ValueError(f"--unet-kv-edit: only the contextual method edits the UNet's keys/values, not {method!r}")
     # each --concept is NAME or NAME=SYNONYM|SYNONYM; --synonym adds to the first; more than one: a joint erasure
     first, *others = [Concept.parse(text) for text in args.concept]
     if args.paper_settings:
@@ -104,7 +106,7 @@ def erase_config_from_args(args):
                     preserve=tuple(args.preserve) if args.preserve is not None else None,
                     keep=tuple(args.keep or ()), contexts=tuple(args.context or ()),
                     negative_guidance=args.negative_guidance, adversarial_rounds=args.adversarial_rounds,
-                    unet_kv_edit=args.unet_kv_edit or None,
+                    unet_kv_edit=args.unet_kv_edit,
                     preset=args.preset, last_k=args.last_k,
                     targets=tuple(args.target or ()), mode=args.mode, rank=args.rank, alpha=args.alpha,
                     compress_rank=args.compress_rank)
@@ -310,12 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adversarial-rounds", type=int, default=None,
                    help="contextual, robust option: rounds of a token learned against the adapter from --images, "
                         "then erased too (default 0; 2 is the hosts' 'robust'; each round costs 100 token steps)")
-    p.add_argument("--unet-kv-edit", action="store_true",
-                   help="contextual: after the text encoder, also edit the UNet's cross-attention keys/values in "
+    p.add_argument("--unet-kv-edit", action=argparse.BooleanOptionalAction, default=None,
+                   help="contextual (on by default; --no-unet-kv-edit for a text-encoder-only file): after the text "
+                        "encoder, also edit the UNet's cross-attention keys/values in "
                         "closed form (seconds; the concept's directions are mapped onto the neighbours'/anchor's, so "
                         "a token re-learned later reads less of it); saved in the same file as kohya "
-                        "lora_unet_*attn2_to_k/to_v keys, which diffusers, ComfyUI and A1111 load. Command line and "
-                        "Python only for now")
+                        "lora_unet_*attn2_to_k/to_v keys, which diffusers, ComfyUI and A1111 load")
     p.add_argument("--negative-guidance", type=float, default=None,
                    help="contextual: push the concept's conditioning this many times past the anchor (default 1)")
     p.add_argument("--preserve", action="append", help="a prompt whose conditioning must not change (repeatable; "

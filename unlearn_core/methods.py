@@ -23,25 +23,28 @@ class Method:
         return tuple(sorted(self.fixed))
 
 
+# the UNet key/value edit needs the contextual method's targets: the hosts' one switch is ignored by the others
+_NO_KV = dict(unet_kv_edit=False)
 METHODS = {m.name: m for m in (
     Method("contextual", "default: the concept is mapped, inside its contexts (your captions, their cross-overs, "
            "templates), onto the same prompt without it; neighbours (keep list) and the empty prompt are held. "
-           "No UNet pass: seconds on any GPU. Images are optional (their captions help).",
-           needs_images=False, defaults=dict(steps=200, lr=1e-3, preset="fewshot", rank=4)),
+           "Then a closed-form edit of the UNet's cross-attention keys/values (unet_kv_edit, on by default) maps the "
+           "concept's text directions onto their targets. No UNet pass. Images are optional (their captions help).",
+           needs_images=False, defaults=dict(steps=200, lr=1e-3, preset="fewshot", rank=4, unet_kv_edit=True)),
     Method("weighted", "seed 000's method: gradient ascent on the example images (bounded by the anchor's loss) "
            "plus the anchor term (the concept predicts what 'a photo' predicts); needs images.",
-           needs_images=True, defaults=dict(steps=60, lr=1e-3, preset="fewshot", rank=4)),
+           needs_images=True, defaults=dict(steps=60, lr=1e-3, preset="fewshot", rank=4), fixed=_NO_KV),
     Method("anchor", "the concept's prompts predict what the anchor prompt predicts (UNet loss); no images needed.",
-           needs_images=False, defaults=dict(steps=60, lr=1e-3, preset="fewshot", rank=4)),
+           needs_images=False, defaults=dict(steps=60, lr=1e-3, preset="fewshot", rank=4), fixed=_NO_KV),
     Method("fewshot", "unbounded gradient ascent on the example images' denoising loss (Fuchi & Takagi 2024's "
            "objective with this tool's LoRA and preserve term); needs images.",
-           needs_images=True, defaults=dict(steps=60, lr=1e-3, preset="fewshot", rank=4)),
+           needs_images=True, defaults=dict(steps=60, lr=1e-3, preset="fewshot", rank=4), fixed=_NO_KV),
     Method("fewshot-paper", "seed 001's preset, Fuchi & Takagi 2024 exactly: full weights of fc1/fc2 of every layer "
            "+ the last layer's self-attention, Adam lr 1e-5 betas (0.9, 0.98), batch 2, 10 steps, no preserve "
            "term; the full delta is saved as a LoRA of the chosen rank by SVD so every host loads it.",
            needs_images=True, defaults=dict(rank=4),
            fixed=dict(method="fewshot", steps=10, lr=1e-5, betas=(0.9, 0.98), batch_size=2, preserve_weight=0.0,
-                      preset="fewshot", mode="full")),
+                      preset="fewshot", mode="full", unet_kv_edit=False)),
 )}
 DEFAULT_METHOD = "contextual"
 ROBUST_ROUNDS = 2  # the hosts' "robust" switch: adversarial tokens learned against the adapter and erased too
