@@ -319,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "a token re-learned later reads less of it); saved in the same file as kohya "
                         "lora_unet_*attn2_to_k/to_v keys, which diffusers, ComfyUI and A1111 load")
     p.add_argument("--negative-guidance", type=float, default=None,
-                   help="contextual: push the concept's conditioning this many times past the anchor (default 1)")
+                   help="contextual: push the concept's target this many times past the anchor / neighbours' "
+                        "average, away from the concept (default 0: onto it; 1 chose worse on the benchmark)")
     p.add_argument("--preserve", action="append", help="a prompt whose conditioning must not change (repeatable; "
                                                         "replaces the default list)")
     p.add_argument("--preset", choices=("fewshot", "final", "all"), default=None,
