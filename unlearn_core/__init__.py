@@ -12,6 +12,7 @@ from .config import EraseConfig, LoraConfig, TokenConfig
 from .erase import EraseResult, erase
 from .inversion import TokenResult, learn_token
 from .lora import Deltas
+from .methods import METHODS, method_config
 from .targets import Target, resolve_targets
 from .tokens import ConceptToken, encode
 from .train import Cancelled, StepInfo, TrainingDiverged
@@ -30,6 +31,6 @@ __all__ = [
     "AdapterFile", "AdapterFileError", "Backend", "Cancelled", "ConceptToken", "Deltas", "DiffusersBackend",
     "EraseConfig", "EraseResult", "LoraConfig", "NoiseSchedule", "StepInfo", "Target", "TokenConfig",
     "TokenResult", "TrainingDiverged", "UnsupportedModelError", "base_fingerprint", "encode", "erase",
-    "inspect", "learn_token", "load_pipeline", "read_adapter", "read_token", "resolve_targets",
+    "METHODS", "inspect", "learn_token", "load_pipeline", "method_config", "read_adapter", "read_token", "resolve_targets",
     "write_adapter", "write_token",
 ]
