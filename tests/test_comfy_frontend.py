@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from comfy_pack import load_pack
 
 REPO = Path(__file__).resolve().parents[1]
 NODE = shutil.which("node")
@@ -69,7 +70,6 @@ console.log(JSON.stringify(out));
 
 @pytest.mark.skipif(NODE is None, reason="needs Node.js")
 def test_front_end_fixes_seeds_clears_stale_text_and_draws_python_lines(tmp_path):
-    import importlib.util
     import sys
 
     root = tmp_path / "web"
@@ -81,11 +81,7 @@ def test_front_end_fixes_seeds_clears_stale_text_and_draws_python_lines(tmp_path
     shutil.copy(REPO / "js" / "concept_unlearn.js", root / "extensions" / "concept-unlearn" / "concept_unlearn.js")
 
     # the node text comes from nodes/host.py display_lines: load the pack as ComfyUI does to call it
-    if PACK not in sys.modules:
-        loader = importlib.util.spec_from_file_location(PACK, REPO / "__init__.py")
-        module = importlib.util.module_from_spec(loader)
-        sys.modules[PACK] = module
-        loader.loader.exec_module(module)
+    load_pack(PACK)
     host = sys.modules[f"{PACK}.nodes.host"]
     info = {"concept": "a red star <img src=x onerror=alert(1)>", "method": "weighted",
             "final_losses": {"loss": -1.228, "erase": -1.3, "keep": 0.072}}

@@ -10,7 +10,6 @@ comfy.sd.save_checkpoint, then loaded back the way CheckpointLoaderSimple does.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from comfy_pack import load_pack
 
 COMFYUI = os.environ.get("COMFYUI_PATH")
 pytestmark = pytest.mark.skipif(not COMFYUI, reason="set COMFYUI_PATH to a ComfyUI checkout to run these")
@@ -32,17 +32,6 @@ def comfy_on_path():
     import comfy.cli_args  # library use: ComfyUI does not parse sys.argv, so set `--cpu` on its args
 
     comfy.cli_args.args.cpu = True
-
-
-def load_pack():
-    """Import the repo as ComfyUI does (nodes.load_custom_node: spec_from_file_location on __init__.py)."""
-    if PACK in sys.modules:
-        return sys.modules[PACK]
-    spec = importlib.util.spec_from_file_location(PACK, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACK] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _randomise(module: torch.nn.Module, generator: torch.Generator) -> None:
@@ -136,7 +125,7 @@ def comfy_models(checkpoint, tmp_path_factory):
 @pytest.fixture(scope="session")
 def pack():
     comfy_on_path()
-    return load_pack()
+    return load_pack(PACK)  # as ComfyUI's nodes.load_custom_node imports it
 
 
 def node(pack, name):

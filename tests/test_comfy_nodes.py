@@ -5,7 +5,6 @@ importlib.util.spec_from_file_location(<folder name>, <folder>/__init__.py) + ex
 """
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import json
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from comfy_pack import load_pack
 
 REPO = Path(__file__).resolve().parents[1]
 PACK = "concept_unlearn_ci"  # ComfyUI names the package after the folder; any name must work
@@ -21,13 +21,7 @@ WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
 
 @pytest.fixture(scope="module")
 def pack():
-    if PACK in sys.modules:
-        return sys.modules[PACK]
-    spec = importlib.util.spec_from_file_location(PACK, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACK] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_pack(PACK)
 
 
 def sub(name):

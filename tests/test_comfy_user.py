@@ -6,13 +6,14 @@ name made from the folder's path, ``module_path.replace(".", "_x_")``.
 """
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import sys
 import types
 from pathlib import Path
 
 import pytest
 import torch
+from comfy_pack import load_pack
 
 REPO = Path(__file__).resolve().parents[1]
 PACK = str(REPO).replace(".", "_x_")  # what ComfyUI calls this pack in sys.modules
@@ -20,13 +21,7 @@ PACK = str(REPO).replace(".", "_x_")  # what ComfyUI calls this pack in sys.modu
 
 @pytest.fixture(scope="module")
 def pack():
-    if PACK in sys.modules:
-        return sys.modules[PACK]
-    spec = importlib.util.spec_from_file_location(PACK, REPO / "__init__.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACK] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_pack(PACK)
 
 
 def sub(name):

@@ -22,6 +22,7 @@ from unlearn_core.kv_edit import (KVDeltas, UnsupportedOption, is_kv_name, kohya
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ldm_format import unet_to_ldm  # noqa: E402
+from comfy_pack import load_pack  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -150,13 +151,7 @@ PACK = "concept_unlearn_kvmaps"
 
 @pytest.fixture(scope="module")
 def pack():
-    if PACK in sys.modules:
-        return sys.modules[PACK]
-    spec = importlib.util.spec_from_file_location(PACK, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACK] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_pack(PACK)
 
 
 def test_unlearn_node_offers_the_edit_and_apply_takes_the_model(pack):
