@@ -45,6 +45,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .lora import kohya_lora_tensors
+
 # canonical names: the diffusers module paths of SD2's cross-attention key/value projections
 _N = r"(?:0|[1-9][0-9]*)"
 _BLOCK = rf"(?:down_blocks\.{_N}\.attentions\.{_N}|mid_block\.attentions\.{_N}|up_blocks\.{_N}\.attentions\.{_N})"
@@ -272,10 +274,9 @@ class KVDeltas(nn.Module):
     def to_kohya(self, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
         tensors = {}
         for name in self.names:
-            key, down = kohya_name(name), self.down[_key(name)]
-            tensors[f"{key}.lora_down.weight"] = down.detach().to(dtype).contiguous().cpu()
-            tensors[f"{key}.lora_up.weight"] = self.up[_key(name)].detach().to(dtype).contiguous().cpu()
-            tensors[f"{key}.alpha"] = torch.tensor(float(down.shape[0]), dtype=dtype)  # alpha = rank: scale 1
+            down, up = self.down[_key(name)], self.up[_key(name)]
+            # alpha = rank: scale 1 (the scale is folded into up)
+            tensors |= kohya_lora_tensors(kohya_name(name), down, up, down.shape[0], dtype)
         return tensors
 
     @classmethod

@@ -122,9 +122,7 @@ class Deltas(nn.Module):
         for t in self.targets:
             k = _key(t)
             if self.mode == "lora":
-                tensors[f"{t.kohya_name}.lora_down.weight"] = self.down[k].detach().to(dtype).contiguous().cpu()
-                tensors[f"{t.kohya_name}.lora_up.weight"] = self.up[k].detach().to(dtype).contiguous().cpu()
-                tensors[f"{t.kohya_name}.alpha"] = torch.tensor(self.alphas[k], dtype=dtype)
+                tensors |= kohya_lora_tensors(t.kohya_name, self.down[k], self.up[k], self.alphas[k], dtype)
             else:
                 tensors[f"{t.kohya_name}.diff"] = self.diff[k].detach().to(dtype).contiguous().cpu()
         return tensors
@@ -196,6 +194,14 @@ class Deltas(nn.Module):
 
 def _key(target: Target) -> str:
     return f"{target.layer}_{target.proj}"
+
+
+def kohya_lora_tensors(key: str, down: torch.Tensor, up: torch.Tensor, alpha: float,
+                       dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """One module's kohya LoRA file tensors: ``key.lora_down.weight``, ``key.lora_up.weight``, ``key.alpha``."""
+    return {f"{key}.lora_down.weight": down.detach().to(dtype).contiguous().cpu(),
+            f"{key}.lora_up.weight": up.detach().to(dtype).contiguous().cpu(),
+            f"{key}.alpha": torch.tensor(float(alpha), dtype=dtype)}
 
 
 def target_shapes(linear_for, targets) -> dict[Target, tuple[int, int]]:
