@@ -6,6 +6,7 @@
 Splits are fixed and balanced over kinds: tune settings on ``dev`` concepts, report on ``test`` concepts.
 Each concept's counts are pooled over ``--seeds`` (different example images, prompts and attack seeds), and
 every accuracy has its 95 % Wilson interval. Writes <out>/suite-<name>.json and <out>/suite-<name>.md.
+``--from-file`` is passed to every run (bench.evaluate: the after sets from the adapter file loaded by diffusers).
 """
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ def run_one(concept: str, seed: int, args, out: Path) -> dict:
             command += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
     for item in args.set:
         command += ["--set", item]
+    if args.from_file:
+        command.append("--from-file")
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
         return {"concept": concept, "seed": seed, "error": (done.stderr.strip().splitlines() or ["?"])[-1]}
@@ -121,7 +124,10 @@ def main() -> None:
     parser.add_argument("--sample-steps", type=int, help="sampler steps per image (default: the harness's)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
                         help="an EraseConfig override passed to every run (see bench.evaluate --help)")
-    parser.add_argument("--name", help="name of this configuration in file names (default: method-split)")
+    parser.add_argument("--from-file", action="store_true",
+                        help="after images from the adapter file loaded by diffusers (see bench.evaluate --help)")
+    parser.add_argument("--name", help="name of this configuration in file names (default: method-split, "
+                                       "-from-file added with --from-file)")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--cache", default="out/bench-cache")
     parser.add_argument("--out", default="bench/results")
@@ -131,7 +137,7 @@ def main() -> None:
     unknown = [c for c in concepts if c not in world.CONCEPT_KINDS]
     if unknown:
         raise SystemExit(f"error: unknown concepts {unknown}; known: {', '.join(world.CONCEPT_KINDS)}")
-    name = args.name or f"{args.method}-{args.split}"
+    name = args.name or f"{args.method}-{args.split}" + ("-from-file" if args.from_file else "")
     out = Path(args.out)
     runs_dir = out / "runs" / name
     runs_dir.mkdir(parents=True, exist_ok=True)
@@ -144,8 +150,8 @@ def main() -> None:
     rows += [{"concept": r["concept"], "error": r["error"]} for r in failed]
     ok = [r for r in rows if "error" not in r]
     result = {"method": args.method, "split": args.split, "concepts": list(concepts), "seeds": args.seeds,
-              "per_set": args.per_set, "overrides": args.set, "steps": args.steps, "rows": rows,
-              "summary": summary(ok) if ok else None}
+              "per_set": args.per_set, "overrides": args.set, "steps": args.steps, "from_file": args.from_file,
+              "rows": rows, "summary": summary(ok) if ok else None}
     (out / f"suite-{name}.json").write_text(json.dumps(result, indent=1))
     text = table(rows, result["summary"], f"{name}: {len(ok)} concepts x {len(args.seeds)} seeds, "
                                           f"{args.per_set} prompts per set") if ok else "every run failed"

@@ -93,6 +93,58 @@ def test_harness_tiny_run_reports_every_field_with_intervals(tmp_path, method):
     assert list((tmp_path / "cache").glob("*.json")), "the clean side is cached for the next method"
 
 
+TINY = dict(token_steps=3, attack_steps=2, erase_steps=2, sample_steps=3)  # a tiny run's budgets
+
+
+@pytest.fixture(scope="module")
+def tiny_star_run(tmp_path_factory):
+    """One tiny contextual run on "star" (text-encoder LoRA and UNet key/value edit), in memory, at strengths 0
+    and 1; its clean side cached for the runs that compare with it."""
+    from bench import evaluate
+
+    sets = evaluate.default_prompt_sets("star", per_set=4, seed=0)
+    cache = tmp_path_factory.mktemp("cache")
+    return evaluate.evaluate("star", "contextual", 2, sets, cache=cache, strengths=(0, 1), **TINY) + (cache,)
+
+
+@pytest.mark.skipif(not HAS_MODEL, reason="world model not committed yet")
+def test_adapter_file_loaded_by_diffusers_gives_the_in_memory_counts(tiny_star_run):
+    """The user's path (--from-file: the adapter written in float16, loaded by diffusers' load_lora_weights into a
+    fresh pipeline) against the engine's hooks on the in-memory deltas. Tried on this run: every count is equal and
+    the images differ by float16 rounding only (at most 0.012 of a pixel value in [0, 1], about 1e-4 on average,
+    where the erasure changed them by 0.02-0.08 on average). An image the classifier reads on a borderline could
+    still flip on another CPU, so a count may differ by one image; the pictures' closeness is the sharper check
+    that the whole file (text encoder and UNet edit) was applied."""
+    from bench import evaluate
+
+    memory, _, memory_pictures, sets, cache = tiny_star_run
+    loaded, _, file_pictures, _ = evaluate.evaluate("star", "contextual", 2, sets, cache=cache, from_file=True,
+                                                    **TINY)
+    assert loaded["from_file"] and not memory["from_file"]
+    for name in sets:
+        field = evaluate.report_field(name)
+        assert abs(loaded[field]["k"] - memory[field]["k"]) <= 1, (field, loaded[field], memory[field])
+        before, in_memory = memory_pictures[name]
+        from_file = file_pictures[name][1]
+        erasure_change = (in_memory - before).abs().mean()
+        assert erasure_change > 0.01, "the erasure should change the images (else nothing is compared)"
+        assert (from_file - in_memory).abs().mean() < 0.1 * erasure_change, field
+
+
+@pytest.mark.skipif(not HAS_MODEL, reason="world model not committed yet")
+def test_strength_zero_is_the_clean_model_and_strength_one_the_adapter(tiny_star_run, tmp_path):
+    """At strength 0 both LoRAs add exact zeros: the clean model's images, so its counts, exactly (on any CPU)."""
+    from bench import evaluate
+
+    report, *_ = tiny_star_run
+    zero, one = report["strengths"]
+    assert (zero["strength"], one["strength"]) == (0, 1)
+    for field in ("erased", "synonyms", "others", "related"):
+        assert zero[field] == report[f"{field}_before"] and one[field] == report[field], field
+    evaluate.strength_chart(report, "tiny").save(tmp_path / "r.strength.png")
+    assert (tmp_path / "r.strength.png").stat().st_size > 0
+
+
 def test_wilson_interval_matches_the_known_values():
     from bench.evaluate import wilson
 
