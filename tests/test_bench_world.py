@@ -191,3 +191,18 @@ def test_suite_tiny_run_pools_seeds_and_writes_table(tmp_path):
     assert row["concept"] == "red" and row["seeds"] == [0, 1] and row["erased"]["n"] == 4
     assert result["summary"]["erased"]["mean"] == row["erased"]["value"]
     assert "Summary" in (tmp_path / "suite-contextual-dev.md").read_text()
+
+
+@pytest.mark.skipif(not HAS_MODEL, reason="world model not committed yet")
+def test_drift_is_zero_for_an_erasure_that_changes_nothing_and_moves_the_concept_first():
+    from bench import drift, evaluate
+    from unlearn_core.diffusers_backend import DiffusersBackend, load_pipeline
+
+    backend = DiffusersBackend(load_pipeline(evaluate.MODEL))
+    # one step from a zero LoRA up-matrix at a vanishing rate, no key/value edit: the adapter adds exact zeros
+    still = drift.drift(backend, "star", per_set=2, steps=1, lr=1e-30, unet_kv_edit=False)
+    assert all(still[s] == (0.0, 0.0) for s in drift.KEPT_SETS)
+    assert all(still[f"{s}_progress"] == (0.0, 0.0) for s in drift.CONCEPT_SETS)
+    moved = drift.drift(backend, "star", per_set=2, steps=5)
+    assert moved["erase_progress"][1] > 0 and moved["others"][1] > 0
+    assert moved["empty"][1] < moved["erase_progress"][1]  # the empty prompt is held far more than the concept moves

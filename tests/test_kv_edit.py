@@ -39,6 +39,23 @@ def test_edit_keeps_preserved_projections_and_maps_the_concept_onto_its_target()
     assert relative_error(keep @ (weight + delta).t(), keep @ weight.t()) < 0.01
 
 
+def test_the_empty_prompts_weight_holds_its_keys_and_values_against_a_concept_that_overlaps_it():
+    """The empty prompt (read by classifier-free guidance for every image) has its own weight in the closed form:
+    a concept sharing most of its direction with it moves its keys/values less the higher that weight."""
+    weight, concept, target, _ = _vectors(5)
+    empty = concept[:1] + 0.1 * torch.randn(1, weight.shape[1], generator=torch.Generator().manual_seed(6),
+                                            dtype=torch.float64)
+    drift = []
+    for empty_weight in (0.0, 10.0, 1000.0):
+        stats = kv_edit.Statistics(weight.shape[1])
+        stats.add_concept(concept, target)
+        stats.add_empty(empty)
+        delta = weight @ stats.operator(preserve_weight=1.0, ridge=1e-3, empty_weight=empty_weight)
+        drift.append(relative_error(empty @ (weight + delta).t(), empty @ weight.t()))
+    assert drift[0] > 0.1  # unweighted, the overlap drags the empty prompt along with the concept
+    assert drift[1] < 0.5 * drift[0] and drift[2] < 0.01 * drift[0]
+
+
 def test_edit_is_zero_when_the_concept_already_equals_its_target():
     weight, concept, _, keep = _vectors(1)
     assert norm(kv_edit.closed_form_delta(weight, concept, concept, keep)) == 0

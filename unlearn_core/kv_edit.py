@@ -7,11 +7,12 @@ erasure cannot control.
 
 The edit (vectors are columns; C [d, n_c] concept vectors, A [d, n_c] their targets, K [d, n_k] preserved):
 
-    W' = argmin_W'  1/n_c sum_i ||W' c_i - W a_i||^2  +  lam/n_k sum_j ||W' k_j - W k_j||^2  +  mu s ||W' - W||_F^2
+    W' = argmin_W'  1/n_c sum_i ||W' c_i - W a_i||^2  +  lam/n_k sum_j ||W' k_j - W k_j||^2
+                    +  lam_e/n_e sum_j ||W' e_j - W e_j||^2  +  mu s ||W' - W||_F^2
 
 with s = trace(C C^T)/(n_c d) (the concept vectors' mean square per dimension: mu is unit-free). Setting the
-gradient to zero:  W' (C C^T/n_c + lam K K^T/n_k + mu s I) = W A C^T/n_c + lam W K K^T/n_k + mu s W.  Writing
-M = C C^T/n_c + lam K K^T/n_k + mu s I and adding/subtracting W C C^T/n_c on the right:
+gradient to zero:  W' M = W A C^T/n_c + lam W K K^T/n_k + lam_e W E E^T/n_e + mu s W  with
+M = C C^T/n_c + lam K K^T/n_k + lam_e E E^T/n_e + mu s I, and adding/subtracting W C C^T/n_c on the right:
 
     W' = W + W (A - C) C^T M^-1 / n_c,   i.e.  dW = W G  with  G = (A - C) C^T M^-1 / n_c   [d, d].
 
@@ -31,8 +32,11 @@ Which vectors (``vectors_after_erasure``, used by ``erase`` when ``EraseConfig.u
   exists (the neighbours' mean, which is preserved) makes W' singular along the concept's own direction, so no
   conditioning - a learned token's included - can bring that direction back; a pushed-away target would only
   relabel the direction (W' invertible), which a re-learned token undoes.
-- K: every position of the keep prompts (the contexts with each neighbour, the preserve prompts) and of the
-  empty prompt (classifier-free guidance reads it for every image), as the erased model outputs them.
+- K: every position of the keep prompts (the contexts with each neighbour, the preserve prompts), as the erased
+  model outputs them.
+- E: every position of the empty prompt, which classifier-free guidance reads for every image: its own weight
+  lam_e = ``empty_weight`` (the text-encoder term's, default 10), so its 77 vectors are not lost among the keep
+  set's thousands (with them in K, the edit moved the empty prompt's keys/values by 3-6 %).
 Defaults: lam = ``kv_preserve_weight`` = 1 (mean error over the keep set weighs as much as over the concept's),
 mu = ``kv_ridge`` = 1e-3 (the edit stays small in directions neither set covers), rank cap ``kv_rank`` = 16.
 """
@@ -154,8 +158,10 @@ class Statistics:
         self.cc = torch.zeros(width, width, dtype=torch.float64)  # sum c c^T
         self.dc = torch.zeros(width, width, dtype=torch.float64)  # sum (a - c) c^T
         self.kk = torch.zeros(width, width, dtype=torch.float64)  # sum k k^T
+        self.ee = torch.zeros(width, width, dtype=torch.float64)  # sum e e^T, the empty prompt's vectors
         self.n_concept = 0
         self.n_keep = 0
+        self.n_empty = 0
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         # float64 on the CPU: rounding noise in these sums is amplified by up to 1/ridge in directions that
@@ -174,7 +180,12 @@ class Statistics:
         self.kk += (k.t() @ k).double().cpu()
         self.n_keep += k.shape[0]
 
-    def operator(self, preserve_weight: float, ridge: float) -> torch.Tensor:
+    def add_empty(self, empty: torch.Tensor) -> None:
+        e = self._rows(empty)
+        self.ee += (e.t() @ e).double().cpu()
+        self.n_empty += e.shape[0]
+
+    def operator(self, preserve_weight: float, ridge: float, empty_weight: float = 0.0) -> torch.Tensor:
         """G [d, d] (float64) with dW = W G for every edited W."""
         if self.n_concept == 0:
             return torch.zeros(self.width, self.width, dtype=torch.float64)
@@ -183,6 +194,8 @@ class Statistics:
         m = cc + ridge * max(scale, 1e-30) * torch.eye(self.width, dtype=torch.float64)
         if self.n_keep and preserve_weight:
             m = m + preserve_weight * self.kk / self.n_keep
+        if self.n_empty and empty_weight:
+            m = m + empty_weight * self.ee / self.n_empty
         # G = D M^-1 with M symmetric: G^T = M^-1 D^T
         return torch.linalg.solve(m, (self.dc / self.n_concept).t()).t()
 
@@ -308,9 +321,9 @@ def applied(unet_deltas: KVDeltas | None, backend) -> Iterator[None]:
 
 
 def edit(modules: dict[str, nn.Module], stats: Statistics, preserve_weight: float, ridge: float, rank: int,
-         seed: int = 0) -> KVDeltas:
+         seed: int = 0, empty_weight: float = 0.0) -> KVDeltas:
     """The closed-form edit of every module in ``modules`` (name -> linear with weight [out, d]) as KVDeltas."""
-    operator = stats.operator(preserve_weight, ridge)
+    operator = stats.operator(preserve_weight, ridge, empty_weight)
     factors, errors = {}, {}
     for name, module in sorted(modules.items()):
         delta = module.weight.detach().double().cpu() @ operator
@@ -362,7 +375,7 @@ def vectors_after_erasure(backend, deltas, prompts: list[str], tokens: list, tar
             stats.add_concept(clean[positions], anchor[positions])
         for start in range(0, len(keep), chunk):
             stats.add_keep(encode(backend, keep[start:start + chunk]).float())
-        stats.add_keep(encode(backend, [""]).float())
+        stats.add_empty(encode(backend, [""]).float())
     return stats
 
 
@@ -370,4 +383,5 @@ def after_erasure(backend, config, deltas, prompts, tokens, targets, keep) -> KV
     """The UNet key/value edit that completes a contextual erasure (``EraseConfig.unet_kv_edit``)."""
     modules = kv_modules(backend)
     stats = vectors_after_erasure(backend, deltas, prompts, tokens, targets, config.negative_guidance, keep)
-    return edit(modules, stats, config.kv_preserve_weight, config.kv_ridge, config.kv_rank, config.seed)
+    return edit(modules, stats, config.kv_preserve_weight, config.kv_ridge, config.kv_rank, config.seed,
+                config.empty_weight)
