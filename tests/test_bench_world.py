@@ -206,3 +206,20 @@ def test_drift_is_zero_for_an_erasure_that_changes_nothing_and_moves_the_concept
     moved = drift.drift(backend, "star", per_set=2, steps=5)
     assert moved["erase_progress"][1] > 0 and moved["others"][1] > 0
     assert moved["empty"][1] < moved["erase_progress"][1]  # the empty prompt is held far more than the concept moves
+
+
+@pytest.mark.skipif(not HAS_MODEL, reason="world model not committed yet")
+def test_components_split_an_erasure_into_its_parts_on_paired_images():
+    from bench import classifier, components, evaluate
+    from unlearn_core.diffusers_backend import DiffusersBackend, load_pipeline
+
+    pipe = load_pipeline(evaluate.MODEL)
+    pipe.set_progress_bar_config(disable=True)
+    judge = classifier.load(evaluate.CLASSIFIER)
+    report = components.components(pipe, DiffusersBackend(pipe), judge, "star", per_set=2, steps=1, lr=1e-30)
+    for name in components.SETS:
+        counts = report[name]
+        assert counts["n"] == 2 and set(counts) == set(components.WAYS) | {"n"}
+        # a text-encoder LoRA that adds exact zeros: its images are the clean ones
+        assert counts["text_encoder"] == counts["clean"]
+    assert all(isinstance(report[f"{name}_lost"], list) for name in ("others", "related"))
