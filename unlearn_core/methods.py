@@ -32,7 +32,7 @@ METHODS = {m.name: m for m in (
            "Then a closed-form edit of the UNet's cross-attention keys/values (unet_kv_edit, on by default) maps the "
            "concept's text directions onto their targets. No UNet pass. Images are optional (their captions help).",
            needs_images=False, defaults=dict(steps=200, lr=1e-3, preset="fewshot", rank=4, unet_kv_edit=True,
-                                             negative_guidance=0.0)),
+                                             negative_guidance=0.0, kv_preserve_weight=10.0)),
     Method("weighted", "seed 000's method: gradient ascent on the example images (bounded by the anchor's loss) "
            "plus the anchor term (the concept predicts what 'a photo' predicts); needs images.",
            needs_images=True, defaults=dict(steps=60, lr=1e-3, preset="fewshot", rank=4), fixed=_NO_KV),
