@@ -12,6 +12,9 @@ keep list; methods that erase with a learned token learn one first), then genera
   related     the examples' other attributes with another value of the kind; same rule
   ti_attack_recovery  a token re-learned on the erased model (2 vectors, 300 steps) shows the concept
   ti_token_clean      the same attack on the clean model (its ceiling)
+  prompt_attack       (--prompt-attack) a prompt-search attack on the erased model: a few ordinary vocabulary words
+                      (not the concept's phrasings) searched to denoise the example images best (bench.prompt_attack),
+                      then written in the concept's slot of the attack prompts; prompt_attack_tokens are the words
   h_o         harmonic mean of 1-erased, others kept, 1-synonyms
   from_file   whether the after sets came from the adapter file (--from-file), else from the in-memory deltas
               (the re-learning attack and the strength sweep always use the in-memory deltas)
@@ -30,6 +33,10 @@ concept and seed under --cache, so methods compared on one concept share it.
 (load_lora_weights; load_textual_inversion for the erase token) loaded the adapter as written to disk (float16,
 the UNet key/value edit in the same file), not by the engine's hooks on the in-memory deltas. The re-learning
 attack and the strength sweep stay on the in-memory deltas.
+
+--prompt-attack: bench.prompt_attack's greedy coordinate search over vocabulary words (budget in the report's
+"prompt_attack_budget"; the kept loss per iteration in "prompt_attack_losses", the concept's name's loss on the same
+batch in "prompt_attack_name_loss"), on the in-memory deltas like the re-learning attack; off by default.
 
 --strengths 0 0.5 1 1.5: the after sets (but the unusual one) again with the adapter at each strength, the
 text-encoder LoRA and the UNet key/value edit both scaled (as hosts' strength sliders do; 0 is the clean model);
@@ -65,6 +72,7 @@ from unlearn_core.plots import grid, line_chart, loss_curve
 from unlearn_core.tokens import ConceptToken, encode
 
 from . import classifier as world_classifier
+from . import prompt_attack as prompt_search
 from . import world
 
 MODEL = Path(__file__).parent / "world_model"
@@ -298,9 +306,10 @@ def evaluate(concept: str, method: str, n_images: int, prompt_sets: dict, model_
              classifier_path=CLASSIFIER, seed: int = 0, token_steps: int | None = None,
              attack_steps: int | None = None, erase_steps: int | None = None, sample_steps: int = 20,
              cache: Path | None = None, log=lambda message: None, from_file: bool = False,
-             strengths: tuple[float, ...] = (), **erase_overrides):
+             strengths: tuple[float, ...] = (), prompt_attack: dict | None = None, **erase_overrides):
     """``from_file``: the after sets from the adapter file loaded by diffusers (see the module doc);
-    ``strengths``: the sweep of --strengths, in the report's "strengths"."""
+    ``strengths``: the sweep of --strengths, in the report's "strengths"; ``prompt_attack``: run the prompt-search
+    attack with this budget (``bench.prompt_attack.search``'s arguments, {} for its defaults; None: not run)."""
     torch.manual_seed(seed)
     pipe = load_pipeline(model_path)
     pipe.set_progress_bar_config(disable=True)
@@ -387,6 +396,20 @@ def evaluate(concept: str, method: str, n_images: int, prompt_sets: dict, model_
         measured(recovered, n_attack)
     report["ti_token_clean"], report["ti_attack_recovery"] = before["ti_token_clean"] / n_attack, recovered / n_attack
     report["attack_budget"] = attack_budget
+    if prompt_attack is not None:
+        budget = prompt_search.BUDGET | {"seed": seed + 2} | prompt_attack
+        log(f"prompt-search attack: vocabulary words on the erased model ({budget})")
+        with result.deltas.inject(backend.linear), applied(result.unet_deltas, backend):
+            found = prompt_search.search(backend, pipe.tokenizer, images, captions, world.phrasings(concept),
+                                         engine_phrase(concept, world.phrasings(concept)[0]), log=log, **budget)
+        entries = attack_entries(" ".join(found.words))
+        recovered, _ = count(entries, deltas=result.deltas, unet=result.unet_deltas)
+        report["prompt_attack"] = measured(recovered, len(entries))
+        report["prompt_attack_tokens"], report["prompt_attack_budget"] = found.words, found.budget
+        report["prompt_attack_losses"] = [round(v, 5) for v in found.losses]
+        report["prompt_attack_name_loss"] = round(found.name_loss, 5)
+        report["prompt_attack_prompts"] = [e["prompt"] for e in entries[:3]]
+        report["prompt_attack_seconds"], report["prompt_attack_unet_calls"] = round(found.seconds, 2), found.unet_calls
     report["h_o"] = harmonic([1 - report["acc_erased"], report["acc_others"], 1 - report["acc_synonyms"]])
     report["seconds"] = round(seconds + result.seconds, 2)
     report["unet_calls"], report["unet_samples"] = calls + result.unet_calls, samples + result.unet_samples
@@ -441,6 +464,8 @@ def main() -> None:
                         help="after sets from the adapter file loaded by diffusers' own loader (see above)")
     parser.add_argument("--strengths", type=float, nargs="+", default=[], metavar="S",
                         help="also measure the adapter at these strengths, e.g. 0 0.5 1 1.5 (see above)")
+    parser.add_argument("--prompt-attack", action="store_true",
+                        help="also run the prompt-search attack (vocabulary words, see above); off by default")
     parser.add_argument("--out", required=True, help="report .json (grid and loss PNGs are written beside it)")
     args = parser.parse_args()
     if args.concept not in world.CONCEPT_KINDS:
@@ -461,7 +486,7 @@ def main() -> None:
                                                       cache=Path(args.cache) if args.cache else None,
                                                       log=lambda message: print(message, file=sys.stderr, flush=True),
                                                       from_file=args.from_file, strengths=tuple(args.strengths),
-                                                      **overrides)
+                                                      prompt_attack={} if args.prompt_attack else None, **overrides)
     report["overrides"] = {k: (v if not isinstance(v, LoraConfig) else vars(v)) for k, v in overrides.items()}
     report["total_seconds"] = round(time.time() - start, 1)
     out = Path(args.out)
@@ -471,8 +496,11 @@ def main() -> None:
     save_pictures(out, result, generated, prompt_sets, title)
     if args.strengths:
         strength_chart(report, f"{title} by strength").save(out.with_suffix(".strength.png"))
-    print(json.dumps({k: v for k, v in report.items() if k.startswith("acc_") or k in ("h_o", "ti_attack_recovery",
-                                                                                     "ti_token_clean", "seconds")}))
+    summary = {k: v for k, v in report.items() if k.startswith("acc_") or k in ("h_o", "ti_attack_recovery",
+                                                                                "ti_token_clean", "seconds")}
+    if "prompt_attack" in report:
+        summary |= {"prompt_attack": report["prompt_attack"]["value"], "prompt_attack_tokens": report["prompt_attack_tokens"]}
+    print(json.dumps(summary))
 
 
 def parse_overrides(items: list[str]) -> dict:

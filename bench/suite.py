@@ -6,7 +6,8 @@
 Splits are fixed and balanced over kinds: tune settings on ``dev`` concepts, report on ``test`` concepts.
 Each concept's counts are pooled over ``--seeds`` (different example images, prompts and attack seeds), and
 every accuracy has its 95 % Wilson interval. Writes <out>/suite-<name>.json and <out>/suite-<name>.md.
-``--from-file`` is passed to every run (bench.evaluate: the after sets from the adapter file loaded by diffusers).
+``--from-file`` is passed to every run (bench.evaluate: the after sets from the adapter file loaded by diffusers),
+and so is ``--prompt-attack`` (the prompt-search attack: a "prompt attack" column and summary entry).
 """
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ def run_one(concept: str, seed: int, args, out: Path) -> dict:
         command += ["--set", item]
     if args.from_file:
         command.append("--from-file")
+    if getattr(args, "prompt_attack", False):
+        command.append("--prompt-attack")
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
         return {"concept": concept, "seed": seed, "error": (done.stderr.strip().splitlines() or ["?"])[-1]}
@@ -49,7 +52,8 @@ def run_one(concept: str, seed: int, args, out: Path) -> dict:
 def pool(reports: list[dict]) -> dict:
     """One concept's reports (one per seed) pooled: counts added, intervals recomputed, costs averaged."""
     row = {"concept": reports[0]["concept"], "seeds": [r["seed"] for r in reports]}
-    for name in RATES + tuple(f"{n}_before" for n in ("erased", "synonyms", "unusual", "others", "related")):
+    optional = ("prompt_attack",) if all("prompt_attack" in r for r in reports) else ()
+    for name in RATES + optional + tuple(f"{n}_before" for n in ("erased", "synonyms", "unusual", "others", "related")):
         key = "ti_token_clean_ci" if name == "ti_token_clean" else name
         k, n = sum(r[key]["k"] for r in reports), sum(r[key]["n"] for r in reports)
         row[name] = evaluate.measured(k, n)
@@ -65,6 +69,8 @@ def summary(rows: list[dict]) -> dict:
     def stat(values, worst):
         return {"mean": sum(values) / len(values), "worst": worst(values)}
 
+    optional = {"prompt_attack": stat([r["prompt_attack"]["value"] for r in rows], max)} \
+        if all("prompt_attack" in r for r in rows) else {}
     return {
         "erased": stat([r["erased"]["value"] for r in rows], max),
         "synonyms": stat([r["synonyms"]["value"] for r in rows], max),
@@ -76,7 +82,7 @@ def summary(rows: list[dict]) -> dict:
         "unet_calls": stat([r["unet_calls"] for r in rows], max),
         "unet_samples": stat([r["unet_samples"] for r in rows], max),
         "seconds": stat([r["seconds"] for r in rows], max),
-    }
+    } | optional
 
 
 def _cell(m: dict, before: dict | None = None) -> str:
@@ -86,18 +92,21 @@ def _cell(m: dict, before: dict | None = None) -> str:
 
 
 def table(rows: list[dict], summary_row: dict, title: str) -> str:
+    prompt = "prompt_attack" in summary_row  # a column only when the runs had --prompt-attack
     lines = [f"### {title}", "",
              "| concept | erased | held-out phrasing | unusual | others kept | related kept | TI attack (clean) "
-             "| h_o | UNet calls / samples | s |", "|---|---|---|---|---|---|---|---|---|---|"]
+             + ("| prompt attack " if prompt else "") + "| h_o | UNet calls / samples | s |",
+             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if prompt else "")]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['concept']} | failed: {r['error']} |||||||||")
+            lines.append(f"| {r['concept']} | failed: {r['error']} |||||||||" + ("|" if prompt else ""))
             continue
         lines.append(
             f"| {r['concept']} | {_cell(r['erased'], r['erased_before'])} | {_cell(r['synonyms'], r['synonyms_before'])} "
             f"| {_cell(r['unusual'], r['unusual_before'])} | {_cell(r['others'], r['others_before'])} "
             f"| {_cell(r['related'], r['related_before'])} | {_cell(r['ti_attack'])} ({100 * r['ti_token_clean']['value']:.0f}) "
-            f"| {r['h_o']:.2f} | {r['unet_calls']:.0f} / {r['unet_samples']:.0f} | {r['seconds']:.1f} |")
+            + (f"| {_cell(r['prompt_attack'])} " if prompt and "prompt_attack" in r else "| - " if prompt else "")
+            + f"| {r['h_o']:.2f} | {r['unet_calls']:.0f} / {r['unet_samples']:.0f} | {r['seconds']:.1f} |")
     s = summary_row
     lines += ["", "Summary (mean / worst over concepts; accuracies in %, drops in points): "
               f"erased {100 * s['erased']['mean']:.1f} / {100 * s['erased']['worst']:.0f}, "
@@ -106,7 +115,9 @@ def table(rows: list[dict], summary_row: dict, title: str) -> str:
               f"others drop {100 * s['others_drop']['mean']:.1f} / {100 * s['others_drop']['worst']:.0f}, "
               f"related drop {100 * s['related_drop']['mean']:.1f} / {100 * s['related_drop']['worst']:.0f}, "
               f"TI attack {100 * s['ti_attack']['mean']:.1f} / {100 * s['ti_attack']['worst']:.0f}, "
-              f"h_o {s['h_o']['mean']:.2f} / {s['h_o']['worst']:.2f}, "
+              + (f"prompt attack {100 * s['prompt_attack']['mean']:.1f} / {100 * s['prompt_attack']['worst']:.0f}, "
+                 if prompt else "")
+              + f"h_o {s['h_o']['mean']:.2f} / {s['h_o']['worst']:.2f}, "
               f"UNet calls {s['unet_calls']['mean']:.0f} / {s['unet_calls']['worst']:.0f}, "
               f"seconds {s['seconds']['mean']:.1f} / {s['seconds']['worst']:.1f}"]
     return "\n".join(lines)
@@ -126,6 +137,8 @@ def main() -> None:
                         help="an EraseConfig override passed to every run (see bench.evaluate --help)")
     parser.add_argument("--from-file", action="store_true",
                         help="after images from the adapter file loaded by diffusers (see bench.evaluate --help)")
+    parser.add_argument("--prompt-attack", action="store_true",
+                        help="also run the prompt-search attack in every run (see bench.evaluate --help)")
     parser.add_argument("--name", help="name of this configuration in file names (default: method-split, "
                                        "-from-file added with --from-file)")
     parser.add_argument("--jobs", type=int, default=2)
@@ -151,6 +164,7 @@ def main() -> None:
     ok = [r for r in rows if "error" not in r]
     result = {"method": args.method, "split": args.split, "concepts": list(concepts), "seeds": args.seeds,
               "per_set": args.per_set, "overrides": args.set, "steps": args.steps, "from_file": args.from_file,
+              "prompt_attack": args.prompt_attack,
               "rows": rows, "summary": summary(ok) if ok else None}
     (out / f"suite-{name}.json").write_text(json.dumps(result, indent=1))
     text = table(rows, result["summary"], f"{name}: {len(ok)} concepts x {len(args.seeds)} seeds, "

@@ -223,3 +223,66 @@ def test_components_split_an_erasure_into_its_parts_on_paired_images():
         # a text-encoder LoRA that adds exact zeros: its images are the clean ones
         assert counts["text_encoder"] == counts["clean"]
     assert all(isinstance(report[f"{name}_lost"], list) for name in ("others", "related"))
+
+
+@pytest.mark.skipif(not HAS_MODEL, reason="world model not committed yet")
+def test_prompt_attack_is_reported_with_an_interval_and_never_names_the_concept(tmp_path):
+    from bench import evaluate, prompt_attack
+    from unlearn_core.diffusers_backend import load_pipeline
+
+    sets = evaluate.default_prompt_sets("star", per_set=2, seed=0)
+    report, *_ = evaluate.evaluate("star", "contextual", 2, sets, cache=tmp_path / "cache",
+                                   prompt_attack=dict(iterations=2, candidates=2), **TINY)
+    m = report["prompt_attack"]
+    assert m["n"] == 2 and 0 <= m["k"] <= 2 and m["ci95"][0] <= m["value"] <= m["ci95"][1]
+    assert report["prompt_attack_budget"]["iterations"] == 2 and report["prompt_attack_budget"]["candidates"] == 2
+    words = report["prompt_attack_tokens"]
+    assert len(words) == prompt_attack.BUDGET["n_tokens"]
+    tokenizer = load_pipeline(evaluate.MODEL).tokenizer
+    excluded = prompt_attack.excluded_ids(tokenizer, world.phrasings("star"), "star")
+    assert not {tokenizer.convert_tokens_to_ids(f"{w}</w>") for w in words} & excluded
+    losses = report["prompt_attack_losses"]
+    assert len(losses) == 3 and all(b <= a for a, b in zip(losses, losses[1:]))  # greedy keep-best
+
+
+@pytest.mark.skipif(not HAS_MODEL, reason="world model not committed yet")
+def test_prompt_search_keeps_to_plain_words_that_are_not_the_concept_and_never_loses_ground():
+    """On the clean model the concept's own name denoises its images best: the search must still not take it, nor
+    any other token of its phrasings, nor a word beginning with its name."""
+    from bench import evaluate, prompt_attack
+    from unlearn_core.diffusers_backend import DiffusersBackend, load_pipeline
+
+    pipe = load_pipeline(evaluate.MODEL)
+    tokenizer = pipe.tokenizer
+    excluded = prompt_attack.excluded_ids(tokenizer, world.phrasings("red"), "red")
+    vocabulary = tokenizer.get_vocab()
+    for token in ("red</w>", "crimson</w>", "scarlet</w>", "reddish</w>"):
+        assert vocabulary[token] in excluded, token
+    allowed = set(prompt_attack.plain_word_ids(tokenizer, excluded).tolist())
+    assert not allowed & excluded and vocabulary["green</w>"] in allowed and vocabulary["-</w>"] not in allowed
+    images, captions = evaluate.example_images("red", 2, 0)
+    found = prompt_attack.search(DiffusersBackend(pipe), tokenizer, images, captions, world.phrasings("red"), "red",
+                                 n_tokens=2, iterations=3, candidates=2, batch=4)
+    assert set(found.ids) <= allowed and len(found.words) == 2
+    assert [tokenizer.convert_tokens_to_ids(f"{w}</w>") for w in found.words] == found.ids
+    assert len(found.losses) == 4 and all(b <= a for a, b in zip(found.losses, found.losses[1:]))
+
+
+def test_suite_shows_the_prompt_attack_only_when_the_runs_had_it():
+    from bench import suite
+    from bench.evaluate import measured
+
+    def report(seed, prompt):
+        fields = {name: measured(1, 4) for name in suite.RATES + tuple(
+            f"{n}_before" for n in ("erased", "synonyms", "unusual", "others", "related")) + ("ti_token_clean_ci",)}
+        extra = {"prompt_attack": measured(seed, 4)} if prompt else {}
+        return {"concept": "star", "seed": seed, "seconds": 1, "unet_calls": 0, "unet_samples": 0} | fields | extra
+
+    plain = [suite.pool([report(0, False), report(1, False)])]
+    assert "prompt_attack" not in plain[0] and "prompt attack" not in suite.table(plain, suite.summary(plain), "t")
+    attacked = [suite.pool([report(0, True), report(1, True)])]
+    assert attacked[0]["prompt_attack"]["k"] == 1 and attacked[0]["prompt_attack"]["n"] == 8
+    text = suite.table(attacked, suite.summary(attacked), "t")
+    header, rule, row = text.splitlines()[2:5]
+    assert "prompt attack" in header and header.count("|") == rule.count("|") == row.count("|")
+    assert "prompt attack 12.5 / 12" in text
