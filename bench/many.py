@@ -6,8 +6,9 @@ For each N of --sizes: the first N concepts of one seeded order of the split (th
 concepts are drawn across kinds; the choice for N is part of the choice for a larger N); the world's other
 concepts are the rest.
   joint   one erasure with the core's default (contextual, bench.evaluate.erase_config) of the first concept with
-          ``also`` = the other N-1; contexts: every concept's example captions; keep: every concept's neighbours
-          but the phrasings of the concepts erased (the engine then leaves out contexts naming one of them)
+          ``also`` = the other N-1, each concept with its own contexts (its example captions), kind and neighbours
+          (its kind's other values) but the phrasings of the concepts erased (the engine then leaves out contexts
+          naming one of them)
   merged  the same default erasure per concept, each written with its UNet key/value edit (write_adapter), merged
           into one stack (unlearn_core.stacking.merge)
 Both are applied as read back from their file (read_adapter: text-encoder LoRA and UNet key/value edit).
@@ -24,6 +25,7 @@ the merged N=1 part). Writes <out>/<name>.json and <out>/<name>.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import subprocess
@@ -36,6 +38,7 @@ import torch
 
 from unlearn_core import stacking
 from unlearn_core.adapter_io import base_fingerprint, read_adapter, write_adapter
+from unlearn_core.config import Concept
 from unlearn_core.diffusers_backend import DiffusersBackend, load_pipeline
 from unlearn_core.erase import erase
 
@@ -100,15 +103,15 @@ class Bench:
         return self.examples[concept]
 
     def config(self, concepts: list[str]):
-        """The default erasure of ``concepts`` (one, or several jointly: the first with ``also`` the others)."""
-        captions = tuple(c for concept in concepts for c in self.concept(concept)[1])
+        """The default erasure of ``concepts`` (one, or several jointly: the first with ``also`` the others, each
+        with its own captions, kind and neighbours but the phrasings of the concepts erased)."""
+        singles = [evaluate.erase_config("contextual", c, self.concept(c)[1], self.steps) for c in concepts]
         if len(concepts) == 1:
-            return evaluate.erase_config("contextual", concepts[0], captions, self.steps)
-        singles = [evaluate.erase_config("contextual", c, (), self.steps) for c in concepts]
+            return singles[0]
         erased = {evaluate.engine_phrase(c, p) for c in concepts for p in world.phrasings(c)}
-        keep = tuple(dict.fromkeys(k for single in singles for k in single.keep if k not in erased))
-        return evaluate.erase_config("contextual", concepts[0], captions, self.steps, keep=keep,
-                                     also=tuple((s.concept, s.synonyms) for s in singles[1:]))
+        own = [Concept(s.concept, s.synonyms, s.contexts, tuple(k for k in s.keep if k not in erased), s.kind)
+               for s in singles]
+        return dataclasses.replace(singles[0], keep=own[0].keep, also=tuple(own[1:]))
 
     def adapter_file(self, concepts: list[str]) -> tuple[Path, float]:
         """The default erasure of ``concepts`` written as one adapter file (made once per config), and its seconds."""

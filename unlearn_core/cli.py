@@ -19,6 +19,9 @@ same recipe at lr 1e-3 (about: --method fewshot --mode full --steps 10 --lr 1e-3
 erased red.
 """
 
+CONCEPT_FILE_EXAMPLE = ('[{"name": "green", "synonyms": ["lime"], "contexts": ["a {} cube on dots"], '
+                        '"keep": ["red", "blue"], "kind": "object"}]')
+
 
 def _progress(total: int, description: str):
     from tqdm import tqdm
@@ -94,6 +97,7 @@ def erase_config_from_args(args):
         raise ValueError(f"--unet-kv-edit: only the contextual method edits the UNet's keys/values, not {method!r}")
     # each --concept is NAME or NAME=SYNONYM|SYNONYM; --synonym adds to the first; more than one: a joint erasure
     first, *others = [Concept.parse(text) for text in args.concept]
+    others += concepts_from_file(args.concept_file) if args.concept_file else []
     if args.paper_settings:
         from .cli_checks import check_paper_settings
 
@@ -114,10 +118,30 @@ def erase_config_from_args(args):
         settings["lr"] = 1e-5  # full-weight deltas move whole weights: the paper's rate, not LoRA's
     try:
         return method_config(method, first.name, **settings)
-    except ValueError as error:  # the list of concepts is --concept here, not the config's field "also"
+    except ValueError as error:  # the list of concepts is --concept (and --concept-file) here, not the field "also"
         if str(error).startswith("also: "):
-            raise ValueError(f"--concept: {str(error).removeprefix('also: ')}") from None
+            option = "--concept/--concept-file" if args.concept_file else "--concept"
+            raise ValueError(f"{option}: {str(error).removeprefix('also: ')}") from None
         raise
+
+
+def concepts_from_file(path: str) -> list:
+    """--concept-file: a JSON list of concepts, each a mapping of name and, optionally, synonyms, contexts, keep
+    and kind (``Concept``'s fields)."""
+    from .config import Concept
+
+    try:
+        entries = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ValueError(f"--concept-file {path}: cannot read it ({error.strerror})") from None
+    except ValueError as error:  # not JSON, or not UTF-8
+        raise ValueError(f"--concept-file {path}: not a JSON file ({error})") from None
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"--concept-file {path}: give a JSON list of concepts, e.g. " + CONCEPT_FILE_EXAMPLE)
+    try:
+        return [Concept.of(entry) for entry in entries]
+    except ValueError as error:
+        raise ValueError(f"--concept-file {path}: {str(error).removeprefix('also: ')}") from None
 
 
 def _erase_defaults() -> dict:
@@ -289,6 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the concept as it appears in prompts, e.g. 'a red star'; repeat it to erase several concepts "
                         "jointly in one run (contextual method): --concept 'a cat' --concept 'a dog=a puppy|a hound' "
                         "(after '=', that concept's synonyms separated by '|'; --synonym adds to the first concept)")
+    p.add_argument("--concept-file", metavar="JSON",
+                   help="more concepts to erase jointly with --concept (contextual), each with its own captions, "
+                        "neighbours and kind, as a JSON list: " + CONCEPT_FILE_EXAMPLE + " (only name is needed; "
+                        "a concept without contexts/keep/kind takes --context/--keep/--kind, as --concept's do)")
     p.add_argument("--images", help="folder with 4-5 example images (needed by methods fewshot and weighted)")
     p.add_argument("--token-file", "--token", dest="token_file", metavar="FILE",
                    help="a concept token file written by learn-token (its --out), whose name is erased as well "

@@ -1,7 +1,7 @@
 """Run configurations: dataclasses validated at construction, errors name the field."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .targets import PRESETS, Target
 from .tokens import check_token_name
@@ -10,6 +10,8 @@ METHODS = ("contextual", "weighted", "fewshot", "anchor")
 CONDITIONING_METHODS = ("contextual",)  # methods that need no UNet pass: the UNet is frozen, so matching the
 # conditioning a prompt should have gives the prediction it should have
 DEFAULT_PRESERVE = ("a photo", "a painting", "a photo of a person", "a landscape", "an animal", "")
+KINDS = ("object", "style")  # prompt templates (a concept's kind)
+OWN_FIELDS = ("contexts", "keep", "kind")  # what a concept of a joint erasure may give for itself
 
 
 def _require(condition: bool, name: str, message: str) -> None:
@@ -76,7 +78,7 @@ class TokenConfig:
             raise ValueError(f"token: {error}") from None
         _require(1 <= self.n_vectors <= 16, "n_vectors", f"must be between 1 and 16, got {self.n_vectors}")
         _require(bool(self.init_word.strip()), "init_word", "must be a word such as 'object' or 'style'")
-        _require(self.kind in ("object", "style"), "kind", f"must be 'object' or 'style', got {self.kind!r}")
+        _require(self.kind in KINDS, "kind", f"must be 'object' or 'style', got {self.kind!r}")
         _require(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
         _require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
@@ -87,18 +89,39 @@ def _phrase_key(phrase: str) -> str:
     return " ".join(phrase.split()).casefold()
 
 
+def _check_contexts(contexts, name: str) -> None:
+    for context in contexts:
+        _require(context.count("{}") == 1, name,
+                 f"each context needs one '{{}}' where the concept goes, e.g. 'a {{}} on a sofa'; got {context!r}")
+
+
 @dataclass(frozen=True)
 class Concept:
-    """One concept of a joint erasure: its name as it appears in prompts and its other phrasings."""
+    """One concept of a joint erasure: its name as it appears in prompts and its other phrasings; optionally its
+    own ``contexts`` ("{}"-slotted captions), ``keep`` (neighbours) and ``kind`` ("object"/"style"). ``None``: the
+    EraseConfig's (``EraseConfig.concepts`` fills them in)."""
 
     name: str
     synonyms: tuple[str, ...] = ()
+    contexts: tuple[str, ...] | None = None
+    keep: tuple[str, ...] | None = None
+    kind: str | None = None
 
     def __post_init__(self):
-        if isinstance(self.synonyms, str):
-            raise ValueError(f"synonyms of {self.name!r}: give a list of phrases, not one string")
         object.__setattr__(self, "name", self.name.strip())
+        for field_name in ("synonyms", "contexts", "keep"):
+            value, where = getattr(self, field_name), f"{field_name} of {self.name!r}"
+            if value is None and field_name != "synonyms":
+                continue
+            _require(not isinstance(value, str), where, "give a list of phrases, not one string")
+            _require(isinstance(value, (list, tuple)) and all(isinstance(x, str) for x in value), where,
+                     f"give a list of phrases; got {value!r}")
+            object.__setattr__(self, field_name, tuple(value))
         object.__setattr__(self, "synonyms", tuple(s.strip() for s in self.synonyms))
+        _check_contexts(self.contexts or (), f"contexts of {self.name!r}")
+        _require(all(k.strip() for k in self.keep or ()), f"keep of {self.name!r}", "contains an empty entry")
+        _require(self.kind in (None, *KINDS), f"kind of {self.name!r}",
+                 f"must be 'object' or 'style', got {self.kind!r}")
 
     @property
     def phrases(self) -> tuple[str, ...]:
@@ -112,14 +135,19 @@ class Concept:
 
     @classmethod
     def of(cls, value) -> "Concept":
-        """A Concept from a Concept, a name, or a (name, synonyms) pair (the forms EraseConfig.also takes)."""
+        """A Concept from a Concept, a name, a (name, synonyms) pair or a mapping of its fields (name, synonyms,
+        contexts, keep, kind: as a JSON file gives them); the forms EraseConfig.also takes."""
         if isinstance(value, Concept):
             return value
         if isinstance(value, str):
             return cls(value)
         if isinstance(value, (tuple, list)) and len(value) == 2 and isinstance(value[0], str):
             return cls(value[0], tuple(value[1]) if not isinstance(value[1], str) else value[1])
-        raise ValueError(f"also: each entry is a concept name, a (name, synonyms) pair or a Concept; got {value!r}")
+        if isinstance(value, dict) and isinstance(value.get("name"), str) and set(value) <= {
+                "name", "synonyms", *OWN_FIELDS}:
+            return cls(**value)
+        raise ValueError(f"also: each entry is a concept name, a (name, synonyms) pair, a Concept or a mapping of "
+                         f"name, synonyms, contexts, keep, kind; got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -138,7 +166,9 @@ class EraseConfig:
     All methods add ``preserve_weight`` x (keep the frozen conditioning of ``preserve`` prompts).
     ``gradient_surgery`` (DoCo): drop the part of the erase gradient that conflicts with the keep gradient.
     ``also`` (contextual only): more concepts erased jointly in the same run, each a name, a (name, synonyms) pair
-    or a ``Concept``; ``concept``/``synonyms`` stay the first concept, ``concepts`` lists them all.
+    or a ``Concept``; ``concept``/``synonyms`` stay the first concept, ``concepts`` lists them all. A ``Concept``
+    may give its own ``contexts``, ``keep`` and ``kind`` (a colour's captions and other colours next to a shape's);
+    the first concept's are ``contexts``, ``keep`` and ``kind``, which are also every other concept's default.
     """
 
     concept: str
@@ -182,9 +212,7 @@ class EraseConfig:
         object.__setattr__(self, "also", tuple(Concept.of(c) for c in self.also))
         if self.anchor is None:
             object.__setattr__(self, "anchor", "" if self.method == "contextual" else "a photo")
-        for context in self.contexts:
-            _require(context.count("{}") == 1, "contexts",
-                     f"each context needs one '{{}}' where the concept goes, e.g. 'a {{}} on a sofa'; got {context!r}")
+        _check_contexts(self.contexts, "contexts")
         _require(all(k.strip() for k in self.keep), "keep", "contains an empty entry")
         _require(self.negative_guidance >= 0, "negative_guidance", f"must be >= 0, got {self.negative_guidance}")
         _require(self.max_contexts >= 1, "max_contexts", f"must be >= 1, got {self.max_contexts}")
@@ -204,7 +232,7 @@ class EraseConfig:
         _require(self.empty_weight >= 0, "empty_weight", f"must be >= 0, got {self.empty_weight}")
         _require(bool(self.concept.strip()), "concept", "is empty; name the concept to erase, e.g. 'a red star'")
         _require(self.method in METHODS, "method", f"must be one of {', '.join(METHODS)}, got {self.method!r}")
-        _require(self.kind in ("object", "style"), "kind", f"must be 'object' or 'style', got {self.kind!r}")
+        _require(self.kind in KINDS, "kind", f"must be 'object' or 'style', got {self.kind!r}")
         _require(all(s.strip() for s in self.synonyms), "synonyms", "contains an empty entry")
         _require(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
         _require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
@@ -240,18 +268,23 @@ class EraseConfig:
                         concepts[other].name) and phrase == concept.name else
                         f"given for both {concepts[other].name!r} and {concept.name!r}")
                     raise ValueError(f"also: {phrase!r} is {where}; give each concept (and each synonym) once")
-        kept = [k for k in self.keep if _phrase_key(k) in owner]
-        if kept:
-            raise ValueError(f"keep: {kept[0]!r} is one of the phrasings to erase (of "
-                             f"{concepts[owner[_phrase_key(kept[0])]].name!r}); a neighbour to keep must be something else")
+        own_keeps = [(f"keep of {c.name!r}", c.keep) for c in self.also if c.keep is not None]
+        for name, keep in [("keep", self.keep), *own_keeps]:
+            kept = [k for k in keep if _phrase_key(k) in owner]
+            if kept:
+                raise ValueError(f"{name}: {kept[0]!r} is one of the phrasings to erase (of "
+                                 f"{concepts[owner[_phrase_key(kept[0])]].name!r}); a neighbour to keep must be "
+                                 "something else")
         _require(not (self.anchor and _phrase_key(self.anchor) in owner), "anchor",
                  f"{self.anchor!r} is a concept to erase; the anchor is what the concepts become, so it must be "
                  "something else (or empty)")
 
     @property
     def concepts(self) -> tuple[Concept, ...]:
-        """Every concept this run erases: the first (``concept`` with ``synonyms``), then ``also``."""
-        return (Concept(self.concept, self.synonyms), *self.also)
+        """Every concept this run erases: the first (``concept`` with ``synonyms``), then ``also``; each with its
+        own contexts, keep and kind, or the config's where it gives none (the first always has the config's)."""
+        return tuple(replace(c, **{f: getattr(self, f) for f in OWN_FIELDS if getattr(c, f) is None})
+                     for c in (Concept(self.concept, self.synonyms), *self.also))
 
     @property
     def concept_label(self) -> str:

@@ -4,12 +4,13 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 from . import kv_edit, objectives
 from .backend import Backend
-from .config import CONDITIONING_METHODS, EraseConfig, TokenConfig
+from .config import CONDITIONING_METHODS, Concept, EraseConfig, TokenConfig
 from .contexts import build_contexts, erase_pairs, fill, keep_prompts
 from .inversion import encode_latents, learn_token
 from .kv_edit import KVDeltas
@@ -70,25 +71,57 @@ def mentions(text: str, phrases) -> bool:
                for p in phrases if p.strip())
 
 
-def joint_prompts(config: EraseConfig, contexts: list[str], keep: list[str]):
-    """A joint erasure's contexts, keep prompts and neighbours without any that name one of its concepts (outside
-    the slot): "a {} next to a dog" would map "a cat next to a dog" onto a dog, and "a bird next to a dog" would keep
-    the dog; no concept of the list is another's target, neighbour or kept prompt. Returns them and notes to show."""
+class Share(NamedTuple):
+    """One concept's part of a contextual run: the contexts it is erased in and the neighbours it becomes there."""
+
+    concept: Concept
+    contexts: list[str]
+    neighbours: tuple[str, ...]
+
+
+def concept_shares(config: EraseConfig) -> tuple[list[Share], list[str], list[str]]:
+    """Each concept's share (its contexts: its captions, their cross-overs and its kind's templates; its
+    neighbours) and the keep prompts: the union over concepts of its contexts with each of its neighbours, then
+    the preserve prompts. A joint erasure leaves out what names one of its concepts (``leave_out_concepts``).
+    Returns them and notes to show."""
+    shares = [Share(c, build_contexts(c.contexts, c.kind, config.max_contexts, config.seed), c.keep)
+              for c in config.concepts]
+    keep = list(dict.fromkeys(p for s in shares for p in keep_prompts(s.contexts, s.neighbours, config.preserve)))
+    return leave_out_concepts(config, shares, keep) if config.also else (shares, keep, [])
+
+
+def leave_out_concepts(config: EraseConfig, shares: list[Share], keep: list[str]):
+    """A joint erasure's shares and keep prompts without any context, neighbour or keep prompt that names one of its
+    concepts (outside the slot): "a {} next to a dog" would map "a cat next to a dog" onto a dog, and "a bird next
+    to a dog" would keep the dog; no concept of the list is another's target, neighbour or kept prompt. Returns
+    them and notes to show."""
     phrases = [p for c in config.concepts for p in c.phrases]
     if config.anchor and mentions(config.anchor, phrases):
         raise ValueError(f"anchor: {config.anchor!r} names a concept to erase; the anchor is what every concept "
                          "becomes, so it must name none of them (or leave it empty)")
-    kept_contexts = [c for c in contexts if not mentions(fill(c, ""), phrases)]
-    if not kept_contexts:
-        raise ValueError("contexts: every context names one of the concepts to erase outside its '{}' slot; give "
-                         "contexts whose only concept is the slot, e.g. 'a {} on a table'")
-    neighbours = tuple(k for k in config.keep if not mentions(k, phrases))
+    kept_shares = []
+    for concept, contexts, neighbours in shares:
+        kept_contexts = [c for c in contexts if not mentions(fill(c, ""), phrases)]
+        if not kept_contexts:
+            field_name = "contexts" if concept.contexts == config.contexts else f"contexts of {concept.name!r}"
+            raise ValueError(f"{field_name}: every context names one of the concepts to erase outside its '{{}}' slot; "
+                             "give contexts whose only concept is the slot, e.g. 'a {} on a table'")
+        kept_shares.append(Share(concept, kept_contexts, tuple(k for k in neighbours if not mentions(k, phrases))))
+
+    def left_out(part: str) -> int:  # distinct contexts (or neighbours) left out, over every share
+        return len({x for s in shares for x in getattr(s, part)} - {x for s in kept_shares for x in getattr(s, part)})
+
     kept = [k for k in keep if not mentions(k, phrases)]
-    left_out = ((len(contexts) - len(kept_contexts), "context(s)"),
-                (len(config.keep) - len(neighbours), "neighbour(s)"),
-                (len(keep) - len(kept), "keep/preserve prompt(s)"))
-    notes = [f"{n} {what} naming one of the concepts left out" for n, what in left_out if n]
-    return kept_contexts, kept, neighbours, notes
+    counts = ((left_out("contexts"), "context(s)"), (left_out("neighbours"), "neighbour(s)"),
+              (len(keep) - len(kept), "keep/preserve prompt(s)"))
+    return kept_shares, kept, [f"{n} {what} naming one of the concepts left out" for n, what in counts if n]
+
+
+def joint_prompts(config: EraseConfig, contexts: list[str], keep: list[str]):
+    """``leave_out_concepts`` for one list of contexts and of neighbours (``config.keep``) shared by every concept:
+    the contexts, keep prompts and neighbours left, and notes."""
+    (share,), kept, notes = leave_out_concepts(config, [Share(config.concepts[0], contexts, config.keep)], keep)
+    return share.contexts, kept, share.neighbours, notes
 
 
 def erase_subjects(config: EraseConfig, token: ConceptToken | None) -> list[str]:
@@ -227,41 +260,37 @@ def _erase_in_conditioning_space(backend: Backend, config: EraseConfig, images: 
     generator = torch.Generator().manual_seed(config.seed)
     deltas = _new_deltas(backend, config)
     token = ConceptToken(token.name, token.vectors.detach()) if token is not None else None
-    contexts = build_contexts(config.contexts, config.kind, config.max_contexts, config.seed)
-    keep = keep_prompts(contexts, config.keep, config.preserve)
-    neighbours, joint_notes = config.keep, []
-    if config.also:  # several concepts: none is another's target, neighbour or preserved prompt
-        contexts, keep, neighbours, joint_notes = joint_prompts(config, contexts, keep)
+    shares, keep, joint_notes = concept_shares(config)  # several concepts: each in its own contexts
     erase_prompts, erase_tokens, target_parts = [], [], []
     encoder = PromptEncoder(backend, min(t.layer for t in deltas.targets), cache)  # tokenizes each prompt once
     counting = _Counting(callback, config.total_steps)
     unet = PassCounter(backend)
     history = []
 
-    def anchor_conditioning(pairs: list[tuple[str, str]], per_context: int) -> torch.Tensor:
-        if config.anchor or not neighbours:  # frozen only: nothing of theirs is kept for training passes
+    def anchor_conditioning(share: Share, pairs: list[tuple[str, str]], per_context: int) -> torch.Tensor:
+        if config.anchor or not share.neighbours:  # frozen only: nothing of theirs is kept for training passes
             return encoder.frozen([anchor for _, anchor in pairs], remember=False)
         # no anchor named, neighbours known: in each context the concept becomes its neighbours' average
         # (what the concept shares with its kind), not the bare context, which a model may still render as it
-        means = torch.stack([encoder.frozen([fill(c, k) for k in neighbours], remember=False).mean(0)
-                             for c in contexts])
+        means = torch.stack([encoder.frozen([fill(c, k) for k in share.neighbours], remember=False).mean(0)
+                             for c in share.contexts])
         return means.repeat_interleave(per_context, dim=0)
 
-    def add_subjects(subjects: list[str], tok: ConceptToken | None) -> None:
-        pairs = erase_pairs(contexts, subjects, config.anchor)
+    def add_subjects(share: Share, subjects: list[str], tok: ConceptToken | None) -> None:
+        pairs = erase_pairs(share.contexts, subjects, config.anchor)
         prompts = [prompt for prompt, _ in pairs]
         with torch.no_grad(), deltas.off():
             target_parts.append(objectives.negative_target(
-                anchor_conditioning(pairs, len(subjects)), encoder.frozen(prompts, tok),
+                anchor_conditioning(share, pairs, len(subjects)), encoder.frozen(prompts, tok),
                 config.negative_guidance))
         erase_prompts.extend(prompts)
         erase_tokens.extend([tok] * len(prompts))
 
     with training_context(backend), deltas.inject(backend.linear):
-        for concept in config.concepts:  # each concept as a single erasure would build it; the union is erased
-            add_subjects([concept.name, *concept.synonyms], None)
-        if token is not None:
-            add_subjects([token.name], token)
+        for share in shares:  # each concept as a single erasure of its share would build it; the union is erased
+            add_subjects(share, list(share.concept.phrases), None)
+        if token is not None:  # the token (and the robust option's tokens) stand for the first concept
+            add_subjects(shares[0], [token.name], token)
         with torch.no_grad(), deltas.off():
             keep_cond = encoder.frozen(keep) if keep else None
             empty_cond = encoder.frozen([""])
@@ -295,9 +324,10 @@ def _erase_in_conditioning_space(backend: Backend, config: EraseConfig, images: 
             if round_:
                 learned = _adversarial_token(backend, deltas, config, images, round_, counting)
                 unet.calls, unet.samples = unet.calls + learned.unet_calls, unet.samples + learned.unet_samples
-                add_subjects([learned.token.name], learned.token)
+                add_subjects(shares[0], [learned.token.name], learned.token)
             history += run(loss_fn, deltas.parameters(), optimizer, steps, counting, scaler=scaler)
     joint = [f"{len(config.concepts)} concepts erased jointly: {config.concept_label}"] if config.also else []
+    contexts = {c for share in shares for c in share.contexts}
     notes = joint + joint_notes + encoder.notes + [f"erased in {len(contexts)} contexts ({len(erase_prompts)} prompts), kept "
                                    f"{len(keep)} prompts and the empty one"] + (
         [f"{config.adversarial_rounds} adversarial token(s) learned and erased"] if config.adversarial_rounds else [])
