@@ -110,7 +110,7 @@ def erase_config_from_args(args):
                     preserve=tuple(args.preserve) if args.preserve is not None else None,
                     keep=tuple(args.keep or ()), contexts=tuple(args.context or ()),
                     negative_guidance=args.negative_guidance, adversarial_rounds=args.adversarial_rounds,
-                    unet_kv_edit=args.unet_kv_edit,
+                    unet_kv_edit=args.unet_kv_edit, update_weight=args.update_weight,
                     preset=args.preset, last_k=args.last_k,
                     targets=tuple(args.target or ()), mode=args.mode, rank=args.rank, alpha=args.alpha,
                     compress_rank=args.compress_rank)
@@ -151,22 +151,37 @@ def _erase_defaults() -> dict:
 
 def cmd_erase(args) -> None:
     from .adapter_io import base_fingerprint, read_token, write_adapter
+    from . import stacking
     from .cli_checks import check_token_file_option
+    from .continual import check_earlier, grown, read_earlier
     from .erase import erase
     from .images import find_images
     from .plots import loss_curve
 
     config = erase_config_from_args(args)
     out = _check_out(args.out, args.force, ".safetensors")
+    if args.after and config.method != "contextual":
+        raise ValueError(f"--after: erasing after earlier adapters is an option of the contextual method, not "
+                         f"{config.method!r}")
+    if args.after and config.lora.mode == "full" and not config.lora.compress_rank:
+        raise ValueError("--after: full-weight deltas do not stack onto the earlier file; erase in LoRA mode, or "
+                         "add --compress-rank")
+    earlier = [read_earlier(path) for path in args.after or ()]  # the files, before any model loads
     if args.images:
         find_images(args.images)
     check_token_file_option(args.token_file)
     _, backend = _load(args)
+    for adapter in earlier:
+        check_earlier(adapter, backend)
     images = _images(args, backend) if args.images else None
     token = read_token(args.token_file, backend) if args.token_file else None
-    result = erase(backend, config, images, token, _progress(config.total_steps, f"erasing {config.concept_label!r}"))
-    write_adapter(out, result.deltas, base_fingerprint(backend), result.info(), overwrite=args.force,
-                  unet=result.unet_deltas)
+    result = erase(backend, config, images, token, _progress(config.total_steps, f"erasing {config.concept_label!r}"),
+                   earlier=earlier)
+    if earlier:  # the earlier file(s) with the new part stacked on: one file that grows by concept
+        stacking.write(out, grown(earlier, result, base_fingerprint(backend), out.name), overwrite=args.force)
+    else:
+        write_adapter(out, result.deltas, base_fingerprint(backend), result.info(), overwrite=args.force,
+                      unet=result.unet_deltas)
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
     curve = out.with_suffix(".loss.png")
@@ -346,6 +361,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "closed form (seconds; the concept's directions are mapped onto the neighbours'/anchor's, so "
                         "a token re-learned later reads less of it); saved in the same file as kohya "
                         "lora_unet_*attn2_to_k/to_v keys, which diffusers, ComfyUI and A1111 load")
+    p.add_argument("--after", action="append", metavar="FILE",
+                   help="continual erasure (contextual): an earlier erasure adapter or stack of this model "
+                        "(repeatable); the new concept is erased on the model with it applied, its concepts are "
+                        "kept erased, and --out is that file with the new adapter stacked on (remove takes it out)")
+    p.add_argument("--update-weight", type=float, default=None,
+                   help="with --after: weight of the regulariser keeping the new update small (its squared size "
+                        "relative to the adapted weights'; default 0.1)")
     p.add_argument("--negative-guidance", type=float, default=None,
                    help="contextual: push the concept's target this many times past the anchor / neighbours' "
                         "average, away from the concept (default 0: onto it; 1 chose worse on the benchmark)")

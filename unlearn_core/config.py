@@ -204,6 +204,9 @@ class EraseConfig:
     kv_ridge: float = 1e-3  # mu: pull towards the unedited weights, relative to the concept vectors' mean square
     kv_rank: int = 16  # LoRA rank of each edited projection (truncated SVD beyond it; the error is recorded)
     also: tuple[Concept, ...] = ()  # contextual: more concepts erased jointly in the same run (see ``concepts``)
+    # continual erasure (contextual, after earlier adapters: erase(..., earlier=...)): weight of the L2 regulariser
+    # on the new deltas, sum ||dW||^2 / sum ||W||^2 over the adapted projections (unused without earlier adapters)
+    update_weight: float = 0.1
 
     def __post_init__(self):
         for name in ("synonyms", "preserve", "contexts", "keep"):
@@ -230,6 +233,7 @@ class EraseConfig:
         _require(1 <= self.kv_rank <= 1024, "kv_rank", f"must be between 1 and 1024, got {self.kv_rank}")
         _require(self.prompt_batch >= 1, "prompt_batch", f"must be >= 1, got {self.prompt_batch}")
         _require(self.empty_weight >= 0, "empty_weight", f"must be >= 0, got {self.empty_weight}")
+        _require(self.update_weight >= 0, "update_weight", f"must be >= 0, got {self.update_weight}")
         _require(bool(self.concept.strip()), "concept", "is empty; name the concept to erase, e.g. 'a red star'")
         _require(self.method in METHODS, "method", f"must be one of {', '.join(METHODS)}, got {self.method!r}")
         _require(self.kind in KINDS, "kind", f"must be 'object' or 'style', got {self.kind!r}")

@@ -1,10 +1,12 @@
 """Unlearn Concept LoRA: train text-encoder deltas that erase a concept and keep the rest."""
 from __future__ import annotations
 
+import copy
 import re
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Iterator, NamedTuple, Sequence
 
 import torch
 
@@ -22,6 +24,9 @@ from .tokens import ConceptToken, encode
 from .train import (Callback, PassCounter, StepInfo, conflict_free_backward, grad_scaler, noisy_batch, plain_backward,
                     run, training_context)
 
+if TYPE_CHECKING:
+    from .continual import Earlier
+
 NOISE_ONLY_LATENT_SIZE = 64  # latent side used by the anchor term when no images are given (SD2-base: 64)
 
 
@@ -36,6 +41,7 @@ class EraseResult:
     token: str | None = None
     notes: list[str] = field(default_factory=list)
     unet_deltas: KVDeltas | None = None  # the UNet cross-attention key/value edit (EraseConfig.unet_kv_edit)
+    after: tuple[str, ...] = ()  # continual erasure: the concepts of the earlier adapters this one was made after
 
     def info(self) -> dict:
         """What the adapter file records about how it was made."""
@@ -49,7 +55,9 @@ class EraseResult:
             "method": c.method,
             "kind": c.kind, "anchor": c.anchor, "steps": c.steps, "lr": c.lr, "seed": c.seed,
             "targets": lora.preset if not lora.targets else list(lora.targets),
-            "weights": {"ascent": c.ascent_weight, "anchor": c.anchor_weight, "preserve": c.preserve_weight},
+            "weights": {"ascent": c.ascent_weight, "anchor": c.anchor_weight, "preserve": c.preserve_weight,
+                        **({"update": c.update_weight} if self.after else {})},
+            **({"after": list(self.after)} if self.after else {}),
             "gradient_surgery": c.gradient_surgery,
             "final_losses": self.history[-1] if self.history else {},
             "seconds": round(self.seconds, 2), "unet_calls": self.unet_calls,
@@ -139,13 +147,22 @@ def _noise_only_batch(backend: Backend, batch_size: int, generator: torch.Genera
 
 
 def erase(backend: Backend, config: EraseConfig, images: torch.Tensor | None = None,
-          token: ConceptToken | None = None, callback: Callback | None = None, cache=CACHES) -> EraseResult:
+          token: ConceptToken | None = None, callback: Callback | None = None, cache=CACHES,
+          earlier: "Earlier | Sequence[Earlier]" = ()) -> EraseResult:
     """Train deltas that erase ``config.concept`` (plus synonyms and ``token``) from the text encoder.
 
     ``cache`` (contextual method): what its steps reuse, see ``prompt_cache`` ("ids": token ids, "layers": the
-    frozen lower layers' output when the deltas sit only on upper layers); ``()`` is the plain path, same result."""
+    frozen lower layers' output when the deltas sit only on upper layers); ``()`` is the plain path, same result.
+    ``earlier`` (contextual method; continual erasure): adapters already made (``continual.read_earlier``). For the
+    whole run their deltas are applied (frozen), so every target is the model with the earlier erasures; their
+    concepts in this run's contexts are kept where they put them, and ``update_weight`` x the new deltas' relative
+    squared size keeps the update small. The result holds the new deltas only (``continual.grown`` stacks them)."""
+    earlier = [earlier] if hasattr(earlier, "deltas") else list(earlier)
     if config.method in CONDITIONING_METHODS:
-        return _erase_in_conditioning_space(backend, config, images, token, callback, cache)
+        return _erase_in_conditioning_space(backend, config, images, token, callback, cache, earlier)
+    if earlier:
+        raise ValueError(f"earlier: erasing after earlier adapters is an option of the contextual method, not "
+                         f"{config.method!r}")
     if config.needs_images and (images is None or len(images) == 0):
         raise ValueError(f"method {config.method!r} needs example images of the concept; "
                          "give 4-5 images, or use method 'anchor'")
@@ -249,18 +266,55 @@ def _adversarial_token(backend: Backend, deltas: Deltas, config: EraseConfig, im
             p.requires_grad_(flag)
 
 
+def earlier_keep(config: EraseConfig, earlier: "Sequence[Earlier]", shares: list[Share]) -> list[str]:
+    """The earlier adapters' concepts (names, synonyms) in each of this run's contexts: kept at their conditioning
+    on the model with the earlier erasures, i.e. kept erased. Refuses a concept of this run erased earlier."""
+    phrases = list(dict.fromkeys(p for e in earlier for p in e.phrases))
+    own = [p for c in config.concepts for p in c.phrases]
+    again = [p for p in phrases if mentions(p, own)]  # its keep prompts would name this run's concept
+    if again:
+        raise ValueError(f"earlier: {again[0]!r} was erased by an earlier adapter and overlaps a concept of this run "
+                         f"({config.concept_label!r}); erase each concept once (remove it from the stack first to "
+                         "erase it again)")
+    return list(dict.fromkeys(fill(c, p) for s in shares for c in s.contexts for p in phrases))
+
+
+@contextmanager
+def applied_earlier(backend: Backend, earlier: "Sequence[Earlier]") -> Iterator[None]:
+    """The earlier adapters applied for the block: their text-encoder deltas (frozen copies on the backend's device)
+    and UNet key/value edits, through hooks removed on exit; the model's modules are never written."""
+    with ExitStack() as stack:
+        for e in earlier:
+            deltas = copy.deepcopy(e.deltas).to(backend.device).requires_grad_(False)
+            stack.enter_context(deltas.inject(backend.linear))
+            if e.unet is not None:
+                stack.enter_context(kv_edit.applied(e.unet, backend))
+        yield
+
+
 def _erase_in_conditioning_space(backend: Backend, config: EraseConfig, images: torch.Tensor | None,
-                                 token: ConceptToken | None, callback: Callback | None, cache=CACHES) -> EraseResult:
+                                 token: ConceptToken | None, callback: Callback | None, cache=CACHES,
+                                 earlier: "Sequence[Earlier]" = ()) -> EraseResult:
     """The contextual method: text encoder in, text encoder out; the frozen UNet is never called, except by the
-    adversarial tokens of the robust option (``adversarial_rounds``), learned on the model as erased so far."""
+    adversarial tokens of the robust option (``adversarial_rounds``), learned on the model as erased so far.
+    With ``earlier`` adapters (see ``erase``) everything runs on the model with them applied."""
     if config.adversarial_rounds and (images is None or len(images) == 0):
         raise ValueError("adversarial_rounds: the robust option learns attack tokens from the example images; "
                          "give 4-5 images, or set adversarial_rounds to 0")
+    with applied_earlier(backend, earlier):
+        return _contextual(backend, config, images, token, callback, cache, earlier)
+
+
+def _contextual(backend: Backend, config: EraseConfig, images: torch.Tensor | None, token: ConceptToken | None,
+                callback: Callback | None, cache, earlier: "Sequence[Earlier]") -> EraseResult:
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(config.seed)
     deltas = _new_deltas(backend, config)
     token = ConceptToken(token.name, token.vectors.detach()) if token is not None else None
     shares, keep, joint_notes = concept_shares(config)  # several concepts: each in its own contexts
+    kept_erased = earlier_keep(config, earlier, shares) if earlier else []
+    keep = list(dict.fromkeys(keep + kept_erased))
+    regularise = bool(earlier) and config.update_weight > 0
     erase_prompts, erase_tokens, target_parts = [], [], []
     encoder = PromptEncoder(backend, min(t.layer for t in deltas.targets), cache)  # tokenizes each prompt once
     counting = _Counting(callback, config.total_steps)
@@ -296,6 +350,8 @@ def _erase_in_conditioning_space(backend: Backend, config: EraseConfig, images: 
             empty_cond = encoder.frozen([""])
             encoder.check()
             scale = target_parts[0].float().pow(2).mean()
+            weight_norm = sum(float(backend.linear(t).weight.float().pow(2).sum()) for t in deltas.targets) \
+                if regularise else 1.0
         joined = []  # the targets of every erase prompt in one tensor, joined again only when a phase adds some
 
         def loss_fn(_step):
@@ -314,6 +370,9 @@ def _erase_in_conditioning_space(backend: Backend, config: EraseConfig, images: 
                 terms["keep"] = objectives.conditioning_match(cond[n_erase:n_erase + n_keep], keep_cond[keep_index],
                                                               scale)
                 loss = loss + config.preserve_weight * terms["keep"]
+            if regularise:  # continual erasure: the new update stays small next to the weights it adapts
+                terms["update"] = deltas.squared_norm() / max(weight_norm, 1e-30)
+                loss = loss + config.update_weight * terms["update"]
             terms["loss"] = loss
             return terms
 
@@ -327,14 +386,20 @@ def _erase_in_conditioning_space(backend: Backend, config: EraseConfig, images: 
                 add_subjects(shares[0], [learned.token.name], learned.token)
             history += run(loss_fn, deltas.parameters(), optimizer, steps, counting, scaler=scaler)
     joint = [f"{len(config.concepts)} concepts erased jointly: {config.concept_label}"] if config.also else []
+    after = tuple(dict.fromkeys(c for e in earlier for c in e.concepts))
+    if earlier:
+        joint.append(f"erased after {len(after)} earlier concept(s) ({', '.join(after)}), applied throughout; "
+                     f"{len(kept_erased)} prompts of theirs kept erased"
+                     + (f", update regulariser weight {config.update_weight:g}" if regularise else ""))
     contexts = {c for share in shares for c in share.contexts}
     notes = joint + joint_notes + encoder.notes + [f"erased in {len(contexts)} contexts ({len(erase_prompts)} prompts), kept "
                                    f"{len(keep)} prompts and the empty one"] + (
         [f"{config.adversarial_rounds} adversarial token(s) learned and erased"] if config.adversarial_rounds else [])
     unet_deltas = kv_edit.after_erasure(backend, config, deltas, erase_prompts, erase_tokens, torch.cat(target_parts),
-                                        keep) if config.unet_kv_edit else None
+                                        keep, tuple(e.unet for e in earlier if e.unet is not None)
+                                        ) if config.unet_kv_edit else None
     result = _result(deltas, config, history, start, unet, token, notes + (unet_deltas.notes if unet_deltas else []))
-    result.unet_deltas = unet_deltas
+    result.unet_deltas, result.after = unet_deltas, after
     return result
 
 

@@ -321,12 +321,19 @@ def applied(unet_deltas: KVDeltas | None, backend) -> Iterator[None]:
 
 
 def edit(modules: dict[str, nn.Module], stats: Statistics, preserve_weight: float, ridge: float, rank: int,
-         seed: int = 0, empty_weight: float = 0.0) -> KVDeltas:
-    """The closed-form edit of every module in ``modules`` (name -> linear with weight [out, d]) as KVDeltas."""
+         seed: int = 0, empty_weight: float = 0.0, earlier: tuple[KVDeltas, ...] = ()) -> KVDeltas:
+    """The closed-form edit of every module in ``modules`` (name -> linear with weight [out, d]) as KVDeltas.
+
+    ``earlier``: edits already applied to these modules (continual erasure); the new edit is computed on the
+    effective weights W + their deltas, so the model with all of them holds (W + earlier) (I + G)."""
     operator = stats.operator(preserve_weight, ridge, empty_weight)
     factors, errors = {}, {}
     for name, module in sorted(modules.items()):
-        delta = module.weight.detach().double().cpu() @ operator
+        weight = module.weight.detach().double().cpu()
+        for previous in earlier:
+            if name in previous.names:
+                weight = weight + previous.delta_weight(name).detach().double().cpu()
+        delta = weight @ operator
         up, down, errors[name] = low_rank(delta, rank, seed)
         factors[name] = (up, down)
     deltas = KVDeltas(factors, errors)
@@ -379,9 +386,11 @@ def vectors_after_erasure(backend, deltas, prompts: list[str], tokens: list, tar
     return stats
 
 
-def after_erasure(backend, config, deltas, prompts, tokens, targets, keep) -> KVDeltas:
-    """The UNet key/value edit that completes a contextual erasure (``EraseConfig.unet_kv_edit``)."""
+def after_erasure(backend, config, deltas, prompts, tokens, targets, keep,
+                  earlier: tuple[KVDeltas, ...] = ()) -> KVDeltas:
+    """The UNet key/value edit that completes a contextual erasure (``EraseConfig.unet_kv_edit``); ``earlier``: the
+    UNet edits of earlier erasures, already applied (see ``edit``)."""
     modules = kv_modules(backend)
     stats = vectors_after_erasure(backend, deltas, prompts, tokens, targets, config.negative_guidance, keep)
     return edit(modules, stats, config.kv_preserve_weight, config.kv_ridge, config.kv_rank, config.seed,
-                config.empty_weight)
+                config.empty_weight, earlier)

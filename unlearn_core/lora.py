@@ -76,6 +76,19 @@ class Deltas(nn.Module):
             return self.scale(target) * self.up[k] @ self.down[k]
         return self.diff[k]
 
+    def squared_norm(self) -> torch.Tensor:
+        """The sum over targets of ||delta_W||_F^2, differentiable (a LoRA's from its rank x rank Gram matrices:
+        ||U D||^2 = sum((U^T U) * (D D^T)), without forming delta_W)."""
+        total = []
+        for t in self.targets:
+            k = _key(t)
+            if self.mode == "lora":
+                up, down = self.up[k], self.down[k]
+                total.append(self.scale(t) ** 2 * ((up.t() @ up) * (down @ down.t())).sum())
+            else:
+                total.append(self.diff[k].pow(2).sum())
+        return torch.stack(total).sum()
+
     def apply(self, target: Target, x: torch.Tensor) -> torch.Tensor:
         """The delta added to the projection's output for input x."""
         k = _key(target)

@@ -1,0 +1,108 @@
+"""Continual erasure: concepts erased one after another into one file that grows by concept.
+
+Each new erasure runs on the model with the earlier ones applied (``erase(..., earlier=...)``: their text-encoder
+deltas hooked, frozen, and their UNet key/value edit applied), keeps the earlier concepts where the earlier adapters
+put them, and keeps its own update small; its adapter is then stacked onto the earlier file (``stacking.merge``: the
+exact sum, each part recorded, so ``remove`` takes any concept out again).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from . import adapter_io, stacking
+from .adapter_io import NAMESPACE, AdapterFileError
+from .kv_edit import KVDeltas
+from .lora import Deltas
+from .stacking import Part, StoredAdapter
+
+
+@dataclass
+class Earlier:
+    """An earlier erasure (a plain adapter or a stack) as a continual run applies it."""
+
+    deltas: Deltas  # its text-encoder deltas (the sum of a stack's parts)
+    unet: KVDeltas | None  # its UNet cross-attention key/value edit, when it has one
+    concepts: tuple[str, ...]  # the concepts it erases, by name
+    phrases: tuple[str, ...]  # their names and synonyms: what is kept erased
+    stored: StoredAdapter  # the file's contents, which the new adapter is stacked onto
+    name: str  # its file name
+
+
+def _text_list(value) -> list[str]:
+    return [v for v in value if isinstance(v, str) and v.strip()] if isinstance(value, list) else []
+
+
+def _json(metadata: dict[str, str], key: str):
+    try:
+        return json.loads(metadata.get(f"{NAMESPACE}.{key}", "null"))
+    except (ValueError, RecursionError):
+        return None
+
+
+def erased_concepts(stored: StoredAdapter, name: str) -> tuple[list[str], list[str]]:
+    """(names, names and synonyms) of the concepts an adapter file erases, from its (or its parts') metadata."""
+    names, phrases = [], []
+    for part in stored.parts(name):
+        metadata = part.adapter.metadata
+        own = _json(metadata, "concept_synonyms")  # a joint erasure: each concept with its synonyms
+        if isinstance(own, dict) and own:
+            for concept, synonyms in own.items():
+                if isinstance(concept, str) and concept.strip():
+                    names.append(concept)
+                    phrases += [concept, *_text_list(synonyms)]
+            continue
+        concept = metadata.get(f"{NAMESPACE}.concept", "")
+        if not concept.strip():
+            raise AdapterFileError(f"{name}: {'its part ' + part.name if stored.is_stack else 'it'} records no "
+                                   "concept, so it cannot be kept erased: erase after adapters made by this tool")
+        names.append(concept)
+        phrases += [concept, *_text_list(_json(metadata, "synonyms"))]
+    return list(dict.fromkeys(names)), list(dict.fromkeys(p.strip() for p in phrases))
+
+
+def read_earlier(path, backend=None) -> Earlier:
+    """Read and check an earlier adapter (or stack) to erase after: a valid LoRA file with its concepts recorded;
+    with a backend, one made for that model (its fingerprint recorded and matching, its shapes fitting)."""
+    name = Path(path).name
+    stored = stacking.load(path)
+    if any(key.endswith(".diff") for key in stored.tensors):
+        raise AdapterFileError(f"{name} holds full-weight deltas (.diff), which do not stack: erase it again in LoRA "
+                               "mode, or with --compress-rank, to erase after it")
+    concepts, phrases = erased_concepts(stored, name)
+    text, unet = adapter_io.split_unet(stored.tensors)
+    earlier = Earlier(Deltas.from_kohya(text).requires_grad_(False),
+                      KVDeltas.from_kohya(unet) if unet else None, tuple(concepts), tuple(phrases), stored, name)
+    if backend is not None:
+        check_earlier(earlier, backend)
+    return earlier
+
+
+def check_earlier(earlier: Earlier, backend) -> None:
+    """Refuse an earlier adapter made for another model (or whose model cannot be checked)."""
+    notes = adapter_io.check_against_backend(earlier.deltas, earlier.stored.metadata, backend, earlier.name, False)
+    if notes:  # no fingerprint: the stack could not be checked against the new adapter either
+        raise AdapterFileError(f"{earlier.name} records no base-model fingerprint, so whether it was made for this "
+                               "model cannot be checked: erase after adapters made for this model by this tool")
+    if earlier.unet is not None:
+        adapter_io.check_unet_against_backend(earlier.unet, backend, earlier.name)
+
+
+def new_part(result, fingerprint: dict | None, dtype: torch.dtype = torch.float16) -> StoredAdapter:
+    """An erasure's adapter as the file ``write_adapter`` would write (tensors and metadata), in memory."""
+    tensors = result.deltas.to_kohya(dtype) | (result.unet_deltas.to_kohya(dtype) if result.unet_deltas else {})
+    metadata = adapter_io.adapter_metadata(result.deltas, fingerprint, result.info(), result.unet_deltas)
+    return StoredAdapter(tensors, metadata)
+
+
+def grown(earlier: Earlier | Sequence[Earlier], result, fingerprint: dict | None, name: str) -> StoredAdapter:
+    """The earlier file(s) with the new erasure (``result`` of ``erase(..., earlier=...)``) stacked on as the part
+    ``name``: one adapter whose effect is the exact sum, its parts recorded (``stacking.remove`` undoes it)."""
+    earlier = [earlier] if isinstance(earlier, Earlier) else list(earlier)
+    part = new_part(result, fingerprint)
+    adapter_io.check_finite_as_written(part.tensors, name)
+    return stacking.merge([Part(e.stored, e.name) for e in earlier] + [Part(part, name)])
