@@ -112,7 +112,7 @@ def test_adapter_file_loaded_by_diffusers_gives_the_in_memory_counts(tiny_star_r
     """The user's path (--from-file: the adapter written in float16, loaded by diffusers' load_lora_weights into a
     fresh pipeline) against the engine's hooks on the in-memory deltas. Tried on this run: every count is equal and
     the images differ by float16 rounding only (at most 0.012 of a pixel value in [0, 1], about 1e-4 on average,
-    where the erasure changed them by 0.02-0.08 on average). An image the classifier reads on a borderline could
+    where this 2-step erasure changed them by 0.007-0.08 on average, depending on the default's settings). An image the classifier reads on a borderline could
     still flip on another CPU, so a count may differ by one image; the pictures' closeness is the sharper check
     that the whole file (text encoder and UNet edit) was applied."""
     from bench import evaluate
@@ -127,7 +127,8 @@ def test_adapter_file_loaded_by_diffusers_gives_the_in_memory_counts(tiny_star_r
         before, in_memory = memory_pictures[name]
         from_file = file_pictures[name][1]
         erasure_change = (in_memory - before).abs().mean()
-        assert erasure_change > 0.01, "the erasure should change the images (else nothing is compared)"
+        assert erasure_change > 0, "the erasure should change the images (else nothing is compared)"
+        # relative to what the erasure changed, not a fixed bound: a 2-step erasure's size depends on its settings
         assert (from_file - in_memory).abs().mean() < 0.1 * erasure_change, field
 
 
