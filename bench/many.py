@@ -1,6 +1,8 @@
-"""Erasing several concepts of the world at once: one joint run against one adapter per concept, merged.
+"""Erasing several concepts of the world at once: one joint run against one adapter per concept, merged, and
+against the concepts erased one after another into one growing file (continual).
 
     python -m bench.many --sizes 1 3 5 --per-set 24 --split test
+    python -m bench.many --sizes 5 --modes continual --per-set 24
 
 For each N of --sizes: the first N concepts of one seeded order of the split (the kinds taken in turn, so the
 concepts are drawn across kinds; the choice for N is part of the choice for a larger N); the world's other
@@ -11,15 +13,21 @@ concepts are the rest.
           naming one of them)
   merged  the same default erasure per concept, each written with its UNet key/value edit (write_adapter), merged
           into one stack (unlearn_core.stacking.merge)
-Both are applied as read back from their file (read_adapter: text-encoder LoRA and UNet key/value edit).
+  continual  the same default erasure per concept, one after another: each run with the file so far applied
+          (erase(..., earlier=continual.read_earlier(file))), the file growing by concept (continual.grown); the
+          first step is the merged N=1 part. For the largest N, the table "continual: after each step" measures the
+          file after each step k = 1..N: the first concept's erase prompts (kept erased: issue target <= 10 %), the k
+          concepts erased so far (pooled), the rest of the largest N (issue target: a drop of at most 3 points)
+All are applied as read back from their file (read_adapter: text-encoder LoRA and UNet key/value edit).
   erased  each concept's erase prompts (bench.evaluate.default_prompt_sets, --per-set per concept), pooled; a hit
           when the classifier reads that concept's attribute                              (want ~0)
   rest    --per-set captions of the rest's concepts only; a hit when every attribute survives  (want the clean)
   remove-one  (merged, N >= 2) stacking.remove one concept (a seeded pick) from the stack: its erase prompts
           against its clean accuracy (target >= 90 % of clean), the other concepts' (still erased), the rest
 Before (clean) and after images share prompts and seeds (paired); the clean side is generated once per set.
-Accuracies carry 95 % Wilson intervals; seconds are erase time (merged: the parts' sum, plus merging); MB the
-file. A concept's erasure is made once and reused by every N and mode whose config is the same (joint N=1 is
+Accuracies carry 95 % Wilson intervals; seconds are erase time (merged: the parts' sum, plus merging;
+continual: the steps' sum, each with reading the earlier file and growing it); MB the file. Modes by default:
+joint, merged. A concept's erasure is made once and reused by every N and mode whose config is the same (joint N=1 is
 the merged N=1 part). Writes <out>/<name>.json and <out>/<name>.md.
 """
 from __future__ import annotations
@@ -36,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from unlearn_core import stacking
+from unlearn_core import continual, stacking
 from unlearn_core.adapter_io import base_fingerprint, read_adapter, write_adapter
 from unlearn_core.config import Concept
 from unlearn_core.diffusers_backend import DiffusersBackend, load_pipeline
@@ -46,7 +54,8 @@ from . import classifier as world_classifier
 from . import evaluate, world
 from .suite import SPLITS
 
-MODES = ("joint", "merged")
+MODES = ("joint", "merged", "continual")
+DEFAULT_MODES = ("joint", "merged")
 
 
 def concept_order(split: str, seed: int) -> list[str]:
@@ -85,7 +94,7 @@ class Bench:
         self.judge = world_classifier.load(evaluate.CLASSIFIER)
         self.per_set, self.seed, self.images, self.steps, self.sample_steps = per_set, seed, images, steps, sample_steps
         self.folder, self.log = Path(folder), log
-        self.examples, self.erase_sets, self.clean, self.made = {}, {}, {}, {}
+        self.examples, self.erase_sets, self.clean, self.made, self.sequence = {}, {}, {}, {}, {}
 
     def count(self, entries: list[dict], adapter=None) -> int:
         pictures = evaluate.generate(self.pipe, self.backend, [e["prompt"] for e in entries], self.seed,
@@ -124,6 +133,29 @@ class Bench:
             write_adapter(path, result.deltas, base_fingerprint(self.backend), result.info(), unet=result.unet_deltas)
             self.made[config] = (path, result.seconds)
         return self.made[config]
+
+    def continual_file(self, concepts: list[str]) -> tuple[Path, float, float]:
+        """``concepts`` erased one after another (each with the default config, run after the file so far), the file
+        growing by concept; made once per prefix. (file, the last step's seconds, all steps' seconds)."""
+        key = tuple(concepts)
+        if key not in self.sequence:
+            if len(concepts) == 1:  # the first step: the plain erasure (the merged mode's part)
+                path, seconds = self.adapter_file(concepts)
+                self.sequence[key] = (path, seconds, seconds)
+                return self.sequence[key]
+            before, _, total = self.continual_file(concepts[:-1])
+            concept = concepts[-1]
+            config = self.config([concept])
+            self.log(f"continual step {len(concepts)}: erasing {concept} after {', '.join(concepts[:-1])} "
+                     f"({config.steps} steps)")
+            start = time.perf_counter()
+            earlier = continual.read_earlier(before, self.backend)
+            result = erase(self.backend, config, self.concept(concept)[0], earlier=earlier)
+            stack = continual.grown(earlier, result, base_fingerprint(self.backend), f"{concept}.safetensors")
+            path = stacking.write(self.folder / f"continual-{len(concepts)}.safetensors", stack)
+            seconds = time.perf_counter() - start
+            self.sequence[key] = (path, seconds, total + seconds)
+        return self.sequence[key]
 
     def measure(self, concepts: list[str], rest: list[dict], rest_clean: int, path: Path) -> dict:
         """Erased (pooled and per concept) and rest, before and after the adapter file at ``path``."""
@@ -170,8 +202,29 @@ def remove_one(bench: Bench, concepts: list[str], stack_path: Path, stack_row: d
             "bytes": path.stat().st_size}
 
 
-def many(sizes=(1, 3, 5), per_set: int = 24, split: str = "test", seed: int = 0, modes=MODES, model=evaluate.MODEL,
-         images: int = 4, steps: int | None = None, sample_steps: int = 20, log=lambda message: None) -> dict:
+def continual_steps(bench: Bench, concepts: list[str], rest: list[dict], rest_clean: int, last: dict) -> list[dict]:
+    """The continual file after each step k: the first concept (kept erased), the k erased so far, the rest (``last``:
+    the row of the whole sequence, measured already)."""
+    steps = []
+    for k in range(1, len(concepts) + 1):
+        path, seconds, total = bench.continual_file(concepts[:k])
+        measured = last if k == len(concepts) else bench.measure(concepts[:k], rest, rest_clean, path)
+        first = measured["per_concept"][concepts[0]]
+        drop = 100 * (measured["rest_before"]["value"] - measured["rest"]["value"])
+        steps.append({"step": k, "concept": concepts[k - 1], "concepts": concepts[:k],
+                      "first_before": first["before"], "first": first["after"],
+                      "first_target_met": first["after"]["value"] <= 0.10}
+                     | {name: measured[name] for name in ("erased_before", "erased", "per_concept", "rest_before",
+                                                          "rest")}
+                     | {"rest_drop_points": round(drop, 1), "rest_target_met": drop <= 3,
+                        "seconds": round(seconds, 2), "total_seconds": round(total, 2), "bytes": path.stat().st_size,
+                        "parts": [p.concept for p in stacking.load(path).parts()]})
+    return steps
+
+
+def many(sizes=(1, 3, 5), per_set: int = 24, split: str = "test", seed: int = 0, modes=DEFAULT_MODES,
+         model=evaluate.MODEL, images: int = 4, steps: int | None = None, sample_steps: int = 20,
+         log=lambda message: None) -> dict:
     order = concept_order(split, seed)
     if max(sizes) > len(order):
         raise ValueError(f"--sizes: the {split} split has {len(order)} concepts, {max(sizes)} asked for "
@@ -179,7 +232,7 @@ def many(sizes=(1, 3, 5), per_set: int = 24, split: str = "test", seed: int = 0,
     torch.manual_seed(seed)
     report = {"split": split, "seed": seed, "per_set": per_set, "sizes": list(sizes), "modes": list(modes),
               "order": order, "images": images, "steps": steps, "sample_steps": sample_steps, "rows": [],
-              "remove_one": []}
+              "remove_one": [], "continual": []}
     with tempfile.TemporaryDirectory() as folder:
         bench = Bench(model, per_set, seed, images, steps, sample_steps, folder, log)
         for n in sizes:
@@ -192,9 +245,11 @@ def many(sizes=(1, 3, 5), per_set: int = 24, split: str = "test", seed: int = 0,
             base = {"n": n, "concepts": concepts,
                     "rest_concepts": [c for c in world.CONCEPT_KINDS if c not in concepts]}
             for mode in modes:
+                merge_seconds = 0.0
                 if mode == "joint":
                     path, seconds = bench.adapter_file(concepts)
-                    merge_seconds = 0.0
+                elif mode == "continual":
+                    path, _, seconds = bench.continual_file(concepts)
                 else:
                     parts = {c: bench.adapter_file([c]) for c in concepts}
                     start = time.perf_counter()
@@ -211,6 +266,9 @@ def many(sizes=(1, 3, 5), per_set: int = 24, split: str = "test", seed: int = 0,
                     log(f"N={n}: one concept removed from the stack")
                     report["remove_one"].append(remove_one(bench, concepts, path, row, rest, rest_clean,
                                                            {c: p for c, (p, _) in parts.items()}))
+                if mode == "continual" and n == max(sizes):
+                    log(f"N={n}: the continual file after each step")
+                    report["continual"] = continual_steps(bench, concepts, rest, rest_clean, row)
     report["clean"] = {c: evaluate.measured(k, per_set) for c, k in bench.clean.items()}
     return report
 
@@ -242,6 +300,20 @@ def table(report: dict, title: str) -> str:
                          f"| {100 * r['others_in_stack']['value']:.0f} → {_pct(r['others_after'])} "
                          f"| {100 * r['rest_in_stack']['value']:.0f} → {_pct(r['rest'])} "
                          f"| {', '.join(r['parts_left'])}: {'yes' if r['equals_merge_of_others'] else 'NO'} |")
+    if report.get("continual"):
+        lines += ["", "continual: after each step (the concepts erased one after another into one growing file; "
+                      "rest: the last step's)", "",
+                  "| step | erased now | first concept before → after [CI] (≤ 10 %) "
+                  "| all erased so far before → after [CI] | rest before → after [CI] | rest drop (≤ 3 points) "
+                  "| s (step / all) | MB |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in report["continual"]:
+            lines.append(f"| {r['step']} | {r['concept']} | {100 * r['first_before']['value']:.0f} → "
+                         f"{_pct(r['first'])} {'yes' if r['first_target_met'] else 'no'} "
+                         f"| {100 * r['erased_before']['value']:.0f} → {_pct(r['erased'])} "
+                         f"| {100 * r['rest_before']['value']:.0f} → {_pct(r['rest'])} "
+                         f"| {r['rest_drop_points']:.0f} {'yes' if r['rest_target_met'] else 'no'} "
+                         f"| {r['seconds']:.1f} / {r['total_seconds']:.1f} | {r['bytes'] / 1e6:.2f} |")
     return "\n".join(lines)
 
 
@@ -251,7 +323,8 @@ def main() -> None:
     parser.add_argument("--per-set", type=int, default=24, help="erase prompts per concept and rest prompts (24)")
     parser.add_argument("--split", choices=tuple(SPLITS), default="test")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(DEFAULT_MODES),
+                        help="default joint merged; continual: one after another, reported after each step")
     parser.add_argument("--images", type=int, default=4, help="example images per concept (default 4)")
     parser.add_argument("--steps", type=int, help="erase steps (default: the method's)")
     parser.add_argument("--sample-steps", type=int, default=20, help="sampler steps per image (default 20)")

@@ -21,8 +21,8 @@ def test_concepts_are_drawn_across_kinds_nested_and_seeded_and_the_rest_names_no
 
 @pytest.mark.skipif(not HAS_MODEL, reason="world model not committed yet")
 def test_tiny_run_reports_every_field_and_removing_a_concept_leaves_the_other_part(tmp_path):
-    report = many.many(sizes=(1, 2), per_set=2, steps=2, sample_steps=3, images=2)
-    assert [(r["n"], r["mode"]) for r in report["rows"]] == [(1, "joint"), (1, "merged"), (2, "joint"), (2, "merged")]
+    report = many.many(sizes=(1, 2), per_set=2, steps=2, sample_steps=3, images=2, modes=many.MODES)
+    assert [(r["n"], r["mode"]) for r in report["rows"]] == [(n, m) for n in (1, 2) for m in many.MODES]
     for row in report["rows"]:
         n = row["n"]
         assert row["concepts"] == report["order"][:n] and not set(row["concepts"]) & set(row["rest_concepts"])
@@ -31,8 +31,9 @@ def test_tiny_run_reports_every_field_and_removing_a_concept_leaves_the_other_pa
             assert m["n"] == count and 0 <= m["k"] <= count and m["ci95"][0] <= m["value"] <= m["ci95"][1], name
         assert list(row["per_concept"]) == row["concepts"]
         assert row["seconds"] > 0 and row["bytes"] > 0
-    joint_1, merged_1 = report["rows"][:2]  # one concept: the same erasure, the same file
-    assert joint_1["bytes"] == merged_1["bytes"] and joint_1["erased"] == merged_1["erased"]
+    joint_1, merged_1, continual_1 = report["rows"][:3]  # one concept: the same erasure, the same file
+    assert joint_1["bytes"] == merged_1["bytes"] == continual_1["bytes"]
+    assert joint_1["erased"] == merged_1["erased"] == continual_1["erased"]
     (removed,) = report["remove_one"]
     kept = [c for c in report["order"][:2] if c != removed["removed"]]
     assert removed["parts_left"] == [evaluate.erase_config("contextual", kept[0], ()).concept]
@@ -40,4 +41,30 @@ def test_tiny_run_reports_every_field_and_removing_a_concept_leaves_the_other_pa
     for name in ("removed_clean", "removed_in_stack", "removed_after", "others_in_stack", "others_after", "rest"):
         assert removed[name]["n"] == 2, name
     text = many.table(report, "tiny")
-    assert "| 2 | merged |" in text and "Remove one concept" in text
+    assert "| 2 | merged |" in text and "Remove one concept" in text and "| 2 | continual |" in text
+    _check_continual_steps(report)
+
+
+def _check_continual_steps(report):
+    """The continual file after each step of the largest N: the first concept, those erased so far, the rest."""
+    order, steps = report["order"], report["continual"]
+    names = [evaluate.erase_config("contextual", c, ()).concept for c in order[:2]]
+    assert [(s["step"], s["concept"], s["concepts"]) for s in steps] == [(1, order[0], order[:1]),
+                                                                         (2, order[1], order[:2])]
+    for s in steps:
+        k = s["step"]
+        for name, count in (("first_before", 2), ("first", 2), ("erased_before", 2 * k), ("erased", 2 * k),
+                            ("rest_before", 2), ("rest", 2)):
+            m = s[name]
+            assert m["n"] == count and 0 <= m["k"] <= count and m["ci95"][0] <= m["value"] <= m["ci95"][1], name
+        assert s["first"] == s["per_concept"][order[0]]["after"] and list(s["per_concept"]) == order[:k]
+        assert s["first_target_met"] == (s["first"]["value"] <= 0.10)
+        drop = 100 * (s["rest_before"]["value"] - s["rest"]["value"])
+        assert s["rest_drop_points"] == round(drop, 1) and s["rest_target_met"] == (drop <= 3)
+        assert s["parts"] == names[:k] and 0 < s["seconds"] <= s["total_seconds"] and s["bytes"] > 0
+    one, two = steps
+    assert one["total_seconds"] == one["seconds"] and two["total_seconds"] == pytest.approx(
+        one["total_seconds"] + two["seconds"], abs=0.02) and two["bytes"] > one["bytes"]
+    last = next(r for r in report["rows"] if r["mode"] == "continual" and r["n"] == 2)  # the whole sequence's row
+    assert two["erased"] == last["erased"] and two["rest"] == last["rest"] and two["bytes"] == last["bytes"]
+    assert "continual: after each step" in many.table(report, "tiny")
