@@ -335,7 +335,7 @@ def main() -> None:
     if min(args.sizes) < 1:
         raise SystemExit("error: --sizes: give numbers of concepts >= 1")
     torch.set_num_threads(1)
-    start = time.time()
+    start, commit = time.time(), _commit()  # the code the run started with, not what was committed meanwhile
     try:
         report = many(tuple(args.sizes), args.per_set, args.split, args.seed, tuple(args.modes), args.model,
                       args.images, args.steps, args.sample_steps,
@@ -344,7 +344,7 @@ def main() -> None:
         raise SystemExit(f"error: {error}") from None
     report["total_seconds"] = round(time.time() - start, 1)
     report["command"] = " ".join(["python -m bench.many", *sys.argv[1:]])
-    report["commit"] = _commit()
+    report["commit"] = commit
     name = args.name or f"many-{args.split}-seed{args.seed}"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
