@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..unlearn_core import adapter_io, plots, stacking
+from ..unlearn_core import adapter_io, continual, plots, stacking
 from ..unlearn_core.config import DEFAULT_PRESERVE, TokenConfig
 from ..unlearn_core.erase import erase
 from ..unlearn_core.inversion import learn_token
@@ -22,6 +22,7 @@ CATEGORY = "Concept Unlearn"
 SUFFIX = "|ConceptUnlearn"
 METHODS = tuple(METHOD_TABLE)
 NO_FILE = "(connected adapter)"
+NO_EARLIER = "none"  # erase_after: no earlier adapter (a plain, not continual, erasure)
 PACKAGE = __name__.rsplit(".nodes.", 1)[0]  # under ComfyUI: a name made from the pack folder's path
 # The front end gives every seed a "control after generate" widget whose default it picks itself
 # ("randomize"); js/concept_unlearn.js sets it to "fixed" on new nodes, so a re-run is served from the cache
@@ -196,6 +197,13 @@ class UnlearnConceptLoRA:
                                  "projections, seconds; resists re-learned tokens better). The adapter then "
                                  "patches the MODEL too: connect the MODEL to Apply Erasure Adapter (or use the "
                                  "saved file with LoraLoader's strength_model)."}),
+                "erase_after": ([NO_EARLIER] + host.file_list("loras"), {"default": NO_EARLIER, "tooltip":
+                                "Continual erasure (contextual method): an earlier erasure adapter or stack in "
+                                "models/loras, made for this model by this pack. The new concept is erased on the "
+                                "model with it applied (its concepts stay erased), and the adapter output is that "
+                                "file with the new erasure stacked on: one stack that grows by concept (Remove From "
+                                "Erasure Stack takes one out again). The earlier file is not changed: save the "
+                                "output with Save Erasure Adapter. none: a plain erasure."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -214,25 +222,44 @@ class UnlearnConceptLoRA:
     @readable_errors(PACKAGE)
     def run(self, model, clip, vae, concept, synonyms, method, kind, targets, steps, rank, learning_rate,
             anchor, keep, contexts, preserve, resolution, seed, images=None, concept_token=None,
-            robust=False, gradient_surgery=False, unet_kv_edit=True, unique_id=None):
+            robust=False, gradient_surgery=False, unet_kv_edit=True, erase_after=NO_EARLIER, unique_id=None):
         config = self.config(concept, synonyms, method, kind, targets, steps, rank, learning_rate, anchor,
                              preserve, seed, gradient_surgery, keep, contexts, robust, unet_kv_edit)
         if config.needs_images and images is None:
             raise ValueError(f"method {method!r} needs example images: connect 4-5 images of the concept, or "
                              "use the contextual or anchor method")
+        earlier = self.earlier(erase_after, config)  # the file is read and checked before any model loads
         backend = _backend(model, clip, vae, resolution)
         examples = host.images_to_engine(images, resolution) if config.needs_images else None
         with torch.inference_mode(False), backend.session(examples):
             token = None
             if concept_token is not None:
                 token = ConceptToken(concept_token.name, concept_token.vectors.detach().clone().float())
+            if earlier is not None:  # made for this model (fingerprint, shapes) or refused before training
+                continual.check_earlier(earlier, backend)
             fingerprint = adapter_io.base_fingerprint(backend)
             result = erase(host.Interruptible(backend), config, examples, token,
-                           host.progress_callback(unique_id, "Unlearn Concept"))
-        adapter = ErasureAdapter(result.deltas, fingerprint, result.info(), unet=result.unet_deltas)
+                           host.progress_callback(unique_id, "Unlearn Concept"), earlier=earlier or ())
+        if earlier is not None:  # the earlier file with the new part stacked on (saved as it is, like any stack)
+            adapter = ErasureAdapter.from_stored(continual.grown(earlier, result, fingerprint,
+                                                                 f"(new) {config.concept_label}"))
+        else:
+            adapter = ErasureAdapter(result.deltas, fingerprint, result.info(), unet=result.unet_deltas)
         curve = host.pil_to_image(plots.loss_curve(result.history, f"erase {config.concept}"))
         per_step = result.seconds / max(1, len(result.history))
         return _ui((adapter, curve), kind="adapter", seconds_per_step=round(per_step, 3), **adapter.summary())
+
+    @staticmethod
+    def earlier(erase_after, config):
+        """The earlier adapter picked in erase_after (continual.read_earlier), or None for a plain erasure."""
+        if not erase_after or erase_after == NO_EARLIER:
+            return None
+        if config.method != "contextual":
+            raise ValueError(f"erase_after: erasing after an earlier adapter is an option of the contextual "
+                             f"method, not {config.method!r}: pick contextual, or set erase_after to none")
+        if config.lora.mode == "full" and not config.lora.compress_rank:
+            raise ValueError("erase_after: full-weight deltas do not stack onto the earlier file")
+        return continual.read_earlier(host.full_path("loras", erase_after))
 
 
 STRENGTH = ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05,

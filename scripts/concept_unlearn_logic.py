@@ -30,6 +30,7 @@ from unlearn_core.images import ImageInputError, prepare
 from unlearn_core.methods import ROBUST_ROUNDS, method_config
 from unlearn_core.plots import loss_curve
 from unlearn_core import kv_edit, stacking
+from unlearn_core.continual import check_earlier, grown, read_earlier
 from unlearn_core.tokens import token_file_stem
 
 BACKEND = "concept_unlearn_a1111_backend"  # registered by the tab (and tests) before they load this file
@@ -253,8 +254,13 @@ def split_lines(text: str) -> tuple[str, ...]:
 def do_erase(host: Host, images, concept: str, synonyms: str, token: str, method_label: str,
              preset_label: str, steps: int, rank: int, seed: int, name: str = "", progress=None,
              kind: str = "object", anchor: str = "", preserve: str = "", keep: str = "", contexts: str = "",
-             robust: bool = False, unet_kv_edit: bool = True):
+             robust: bool = False, unet_kv_edit: bool = True, erase_after: str = ""):
     """Train an erasure adapter and save it to models/Lora. Returns (message, adapter path, loss curve).
+
+    ``erase_after`` (contextual; continual erasure): an earlier erasure adapter or stack, a name or file in
+    models/Lora. The new concept is erased on the model with it applied (its concepts kept erased) and the saved
+    file is the earlier one with the new adapter stacked on (it grows by concept; Remove takes one out again);
+    the earlier file is not changed.
 
     ``unet_kv_edit`` (contextual): the UNet key/value edit is written into the same file (lora_unet_* keys, which
     A1111's Lora extension applies to the UNet with the same <lora:name:1>)
@@ -268,12 +274,22 @@ def do_erase(host: Host, images, concept: str, synonyms: str, token: str, method
         raise FileExistsError(f"{path.name} already exists in {path.parent}: choose another name "
                               "(or allow overwriting in Settings > Concept Unlearn)")
     token_file = find_file(token, host.embeddings_dir, "concept token")
+    earlier, earlier_file = _earlier(host, erase_after, config)  # read and checked before the model is touched
     pictures = gallery_images(images, host.resolution) if config.needs_images else None
     backend = host.backend()
     concept_token = read_token(token_file, backend) if token_file else None
+    if earlier is not None:  # made for this model (fingerprint, shapes), or refused before training
+        check_earlier(earlier, backend)
     with backend.session():
         result = erase(backend, config, images=pictures, token=concept_token,
-                       callback=callback_for(host.state, progress, "Erase"))
+                       callback=callback_for(host.state, progress, "Erase"), earlier=earlier or ())
+    if earlier is not None:  # the earlier file with the new part stacked on: one file that grows by concept
+        stacked = grown(earlier, result, base_fingerprint(backend), path.name)
+        stacking.write(path, stacked, overwrite=host.overwrite)
+        kept = "" if path.resolve() == earlier_file.resolve() else f"; {earlier.name} is unchanged"
+        return (f"Saved {path.name} ({result.seconds:.0f} s), {earlier.name} with the new erasure stacked on: "
+                f"{_stack_summary(stacked)}. Use <lora:{stem}:1> in a prompt (refresh the Lora tab){kept}.",
+                str(path), loss_curve(result.history, f"erase {config.concept}"))
     write_adapter(path, result.deltas, base_fingerprint(backend), result.info(), overwrite=host.overwrite,
                   unet=result.unet_deltas)
     paper = (f" Paper settings: {config.steps} steps at lr {config.lr:g} (the Layers and Steps inputs are not used); the full-"
@@ -281,6 +297,23 @@ def do_erase(host: Host, images, concept: str, synonyms: str, token: str, method
              if METHODS.get(method_label, method_label) == "fewshot-paper" else "")
     return (f"Saved {path.name} ({result.seconds:.0f} s): use <lora:{stem}:1> in a prompt (refresh the Lora tab)."
             + paper, str(path), loss_curve(result.history, f"erase {config.concept}"))
+
+
+NO_EARLIER = "none"  # the tab's "erase after" choice for a plain (not continual) erasure
+
+
+def _earlier(host: Host, erase_after: str, config: EraseConfig):
+    """(the earlier adapter chosen in "erase after" (continual.read_earlier), its file), or (None, None) for a
+    plain erasure."""
+    if not (erase_after or "").strip() or erase_after.strip() == NO_EARLIER:
+        return None, None
+    if config.method != "contextual":
+        raise ValueError(f"erase after: erasing after an earlier adapter is an option of the contextual method, not "
+                         f"{config.method!r}: pick Contextual, or set 'Erase after' to none")
+    if config.lora.mode == "full" and not config.lora.compress_rank:
+        raise ValueError("erase after: full-weight deltas do not stack onto the earlier file")
+    earlier_file = find_file(erase_after, host.lora_dir, "erase after")
+    return read_earlier(earlier_file), earlier_file
 
 
 @_guard

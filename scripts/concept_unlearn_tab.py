@@ -59,17 +59,23 @@ def _choices(which: str) -> list[str]:
     return logic.list_files(lora_dir if which == "lora" else embeddings_dir)
 
 
+def _earlier_choices() -> list[str]:
+    """The "erase after" list: none (a plain erasure) and the adapters of models/Lora."""
+    return [logic.NO_EARLIER] + _choices("lora")
+
+
 def on_ui_tabs():
     import gradio as gr
 
     def erase_click(files, concept, synonyms, token, method, preset, steps, rank, seed, name, kind, anchor, preserve,
-                    keep, contexts, robust, unet_kv_edit, progress=gr.Progress()):
+                    keep, contexts, robust, unet_kv_edit, erase_after, progress=gr.Progress()):
         message, path, curve = logic.do_erase(logic.a1111_host(), files, concept, synonyms, token, method, preset,
                                               steps, rank, seed, name=name, progress=progress, kind=kind,
                                               anchor=anchor, preserve=preserve, keep=keep, contexts=contexts,
-                                              robust=robust, unet_kv_edit=unet_kv_edit)
+                                              robust=robust, unet_kv_edit=unet_kv_edit, erase_after=erase_after)
         adapter = gr.Dropdown.update(choices=_choices("lora"), value=Path(path).stem) if path else gr.Dropdown.update()
-        return message, curve, adapter
+        earlier = gr.Dropdown.update(choices=_earlier_choices()) if path else gr.Dropdown.update()
+        return message, curve, adapter, earlier
 
     def learn_click(files, token, init_word, kind, steps, seed, n_vectors, progress=gr.Progress()):
         message, path, curve = logic.do_learn_token(logic.a1111_host(), files, token, init_word, kind, steps, seed,
@@ -82,9 +88,11 @@ def on_ui_tabs():
         return message, curve
 
     def lora_lists(path):
-        """New choices for the three adapter lists after a file was saved (the stack lists keep their values)."""
+        """New choices for the four adapter lists after a file was saved (the lists keep their values; the last
+        is "erase after", which also offers none)."""
         choices = _choices("lora")  # one update dict per output: gradio 3.41 pops keys from each while sending it
-        return tuple(gr.Dropdown.update(choices=choices) if path else gr.Dropdown.update() for _ in range(3))
+        lists = (choices, choices, choices, [logic.NO_EARLIER] + choices)
+        return tuple(gr.Dropdown.update(choices=c) if path else gr.Dropdown.update() for c in lists)
 
     def merge_click(adapters, strengths, name):
         message, path, _ = logic.do_merge(logic.a1111_host(), adapters, strengths, name=name)
@@ -153,6 +161,13 @@ def on_ui_tabs():
                                                value=True, elem_id="concept_unlearn_unet_kv_edit")
                     preserve = gr.Textbox(label="Prompts to preserve (comma-separated; empty: defaults)",
                                           elem_id="concept_unlearn_preserve")
+                    erase_after = gr.Dropdown(choices=_earlier_choices(), value=logic.NO_EARLIER,
+                                              allow_custom_value=True,
+                                              label="Erase after (optional, contextual: an earlier erasure adapter "
+                                                    "or stack in models/Lora; the new concept is erased with it "
+                                                    "applied and the saved file is it plus the new erasure, one "
+                                                    "stack that grows by concept; the earlier file is not changed)",
+                                              elem_id="concept_unlearn_erase_after")
                 with gr.Accordion("Learn a concept token (textual inversion)", open=False):
                     token_name = gr.Textbox(label="Token name", value="<my-concept>", elem_id="concept_unlearn_token_name")
                     init_word = gr.Textbox(label="Initial word", value="object", elem_id="concept_unlearn_init_word")
@@ -197,18 +212,19 @@ def on_ui_tabs():
                 curve = gr.Image(label="Loss curve", type="pil", interactive=False, elem_id="concept_unlearn_curve")
 
         run.click(erase_click, inputs=[files, concept, synonyms, token, method, preset, steps, rank, seed, name, kind,
-                                       anchor, preserve, keep, contexts, robust, unet_kv_edit],
-                  outputs=[message, curve, adapter])
+                                       anchor, preserve, keep, contexts, robust, unet_kv_edit, erase_after],
+                  outputs=[message, curve, adapter, erase_after])
         learn.click(learn_click, inputs=[files, token_name, init_word, kind, token_steps, seed, n_vectors],
                     outputs=[message, curve, token])
         audit.click(audit_click, inputs=[files, adapter, audit_steps, seed], outputs=[message, curve])
         interrupt.click(interrupt_click, inputs=[], outputs=[], queue=False)
         merge.click(merge_click, inputs=[stack_adapters, stack_strengths, stack_name],
-                    outputs=[message, adapter, stack_adapters, remove_stack])
+                    outputs=[message, adapter, stack_adapters, remove_stack, erase_after])
         remove.click(remove_click, inputs=[remove_stack, remove_concept, remove_name],
-                     outputs=[message, adapter, stack_adapters, remove_stack])
+                     outputs=[message, adapter, stack_adapters, remove_stack, erase_after])
         refresh_tokens.click(lambda: gr.Dropdown.update(choices=_choices("token")), inputs=[], outputs=[token])
-        refresh_adapters.click(lambda: lora_lists(True), inputs=[], outputs=[adapter, stack_adapters, remove_stack])
+        refresh_adapters.click(lambda: lora_lists(True), inputs=[], outputs=[adapter, stack_adapters, remove_stack,
+                                                                              erase_after])
         # live state: polled while the page is open (a continuous event: gradio 3.41 runs it outside the queue's
         # workers, but needs the queue, which A1111 enables); the buttons' own busy check stays behind it
         tab.load(status, inputs=None, outputs=[status_line, learn, run, audit], every=STATUS_EVERY,

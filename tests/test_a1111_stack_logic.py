@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import a1111_reference as ref  # noqa: E402
 from closeness import relative_error  # noqa: E402
 from test_a1111_cu_logic import State, files, host, logic  # noqa: E402,F401
+from unlearn_core import stacking  # noqa: E402
 from test_a1111_backend import sd_model, sd_model_factory, tokenizer  # noqa: E402,F401
 
 ANCHOR = "Anchor (no images needed)"
@@ -72,3 +73,55 @@ def test_merge_and_remove_answer_with_one_line(host, files):
     assert logic.do_remove(host, "unlearn_cat", "cat")[0].startswith("Error: unlearn_cat.safetensors is not a stack")
     assert "only part" in logic.do_remove(host, "unlearn_half", "cat")[0]
     assert logic.do_remove(host, "", "cat")[0].startswith("Error: stack: pick")
+
+
+CONTEXTUAL = "Contextual (default; images optional, no UNet pass)"
+
+
+def _erase(host, files, concept, erase_after="", name=""):
+    return logic.do_erase(host, files, concept, "", "", CONTEXTUAL, "Last layer", 3, 2, 0, name=name,
+                          keep="green circle", contexts="a {} on a table\na big {} in a room",
+                          erase_after=erase_after, unet_kv_edit=False)  # the tiny UNet is not SD 2.x's layout
+
+
+def test_erase_after_an_earlier_adapter_saves_the_grown_stack(host, files):
+    message, earlier, _ = _erase(host, files, "red square")
+    assert earlier, message
+    before = Path(earlier).read_bytes()
+    message, path, curve = _erase(host, files, "blue triangle", erase_after=Path(earlier).stem)
+    assert path and curve is not None, message
+    assert "unlearn_red_square.safetensors is unchanged" in message and "\n" not in message
+    stacked = stacking.load(path)
+    assert [p.concept for p in stacking.unstack(stacked)] == ["red square", "blue triangle"]
+    assert Path(earlier).read_bytes() == before  # the earlier file is untouched
+    # the new part comes out again with the tab's Remove, leaving the earlier adapter
+    message, rest, _ = logic.do_remove(host, Path(path).stem, "blue triangle")
+    assert rest and [p.concept for p in stacking.load(rest).parts("rest")] == ["red square"], message
+    # "none" (the list's first choice) is a plain erasure
+    message, plain, _ = _erase(host, files, "green star", erase_after="none")
+    assert plain and not stacking.load(plain).is_stack, message
+
+
+def test_erase_after_a_bad_earlier_file_is_one_line(host, files, sd_model_factory, tokenizer, tmp_path):
+    (Path(host.lora_dir)).mkdir(parents=True, exist_ok=True)
+    (Path(host.lora_dir) / "broken.safetensors").write_bytes(b"not a safetensors file")
+    message, path, _ = _erase(host, files, "blue triangle", erase_after="broken")
+    assert message.startswith("Error: ") and "broken.safetensors" in message and "\n" not in message and not path
+    message, path, _ = logic.do_erase(host, files, "blue triangle", "", "", ANCHOR, "Last layer", 1, 2, 0,
+                                      erase_after="broken")
+    assert message.startswith("Error: erase after: ") and "contextual" in message and not path
+    message, path, _ = _erase(host, files, "blue triangle", erase_after="nosuchfile")
+    assert message.startswith("Error: erase after: no nosuchfile.safetensors") and not path
+    # an adapter made for another base model (other text-encoder weights) is refused before any training
+    other = sd_model_factory()
+    with torch.no_grad():
+        for parameter in other.cond_stage_model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    other_host = logic.Host(sd_model=other, lora_dir=host.lora_dir, embeddings_dir=host.embeddings_dir,
+                            state=State(), tokenizer=tokenizer, resolution=32)
+    _, foreign, _ = _erase(other_host, files, "red square", name="foreign")
+    assert foreign
+    host.state.textinfo = None
+    message, path, _ = _erase(host, files, "blue triangle", erase_after="unlearn_foreign")
+    assert message.startswith("Error: ") and "another base model" in message and not path
+    assert host.state.textinfo is None  # no training step ran

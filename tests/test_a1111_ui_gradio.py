@@ -140,6 +140,10 @@ def test_tab_registers_and_builds_under_gradio_3(a1111_modules):
     assert [c[0] if isinstance(c, (list, tuple)) else c for c in by_id["concept_unlearn_token"].choices] == ["mycat"]
     assert [c[0] if isinstance(c, (list, tuple)) else c for c in by_id["concept_unlearn_adapter"].choices] \
         == ["unlearn_cat"]
+    # "erase after" (continual erasure): none, or an earlier adapter of --lora-dir
+    assert [c[0] if isinstance(c, (list, tuple)) else c for c in by_id["concept_unlearn_erase_after"].choices] \
+        == ["none", "unlearn_cat"]
+    assert by_id["concept_unlearn_erase_after"].value == "none"
     for elem_id in ("concept_unlearn_erase", "concept_unlearn_learn", "concept_unlearn_audit"):
         fn, _ = handler(blocks, by_id[elem_id])
         default = inspect.signature(fn).parameters["progress"].default
@@ -155,7 +159,7 @@ def test_buttons_answer_in_one_line_and_interrupt_sets_state(a1111_modules):
     typed = {"concept_unlearn_concept": "a cat", "concept_unlearn_method": "Anchor (no images needed)"}
     values = [typed.get(blocks.blocks[i].elem_id, getattr(blocks.blocks[i], "value", None))
               for i in dependency["inputs"]]
-    message, curve, _adapter = fn(*values)
+    message, curve, _adapter, _erase_after = fn(*values)
     assert message.startswith("Error: no model is loaded") and curve is None and "\n" not in message
     assert registered["jobs"] == ["concept_unlearn"] and shared.state.job == ""
     assert registered["hijack"] == ["undo", "apply"]  # A1111's Train tab rule, undone whatever happens

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from comfy_pack import load_pack
+from unlearn_core.diffusers_backend import load_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 PACK = str(REPO).replace(".", "_x_")  # what ComfyUI calls this pack in sys.modules
@@ -247,3 +248,78 @@ def test_node_text_names_each_loss_once(pack):
     assert "final loss: -1.228 (erase -1.3, keep 0.072)" in lines
     assert not any("loss loss" in line for line in lines)
     assert "concept: a red star" in lines and "method: anchor" in lines
+
+
+# ---------------------------------------------------------------------------- continual erasure (erase_after)
+
+def _continual_node(pack, monkeypatch, tmp_path, pipe):
+    """Unlearn Concept LoRA over a tiny diffusers model (the engine's backend with ComfyBackend's session) and a
+    models/loras folder in tmp_path."""
+    from contextlib import contextmanager
+
+    nodes, host = sub("nodes.comfy_nodes"), sub("nodes.host")
+    backend = importlib.import_module(f"{PACK}.unlearn_core.diffusers_backend").DiffusersBackend(pipe)
+
+    @contextmanager
+    def session(images=None):
+        with torch.enable_grad():
+            yield backend
+
+    backend.session = session
+    monkeypatch.setattr(nodes, "_backend", lambda *args: backend)
+    monkeypatch.setattr(host, "models_folder", lambda kind: tmp_path / kind)
+    monkeypatch.setattr(host, "full_path", lambda kind, name: str(tmp_path / kind / name))
+    return node(pack, "UnlearnConceptLoRA")(), backend
+
+
+CONTINUAL = dict(synonyms="", method="contextual", kind="object", targets="final", steps=3, rank=2,
+                 learning_rate=1e-2, anchor="", keep="green circle", contexts="a {} on a table\na big {} in a room",
+                 preserve="a photo", resolution=64, seed=0)
+
+
+def test_erase_after_an_earlier_adapter_outputs_the_grown_stack(pack, tmp_path, monkeypatch, pipe, fake_comfy):
+    stacking = sub("unlearn_core.stacking")
+    unlearn, _ = _continual_node(pack, monkeypatch, tmp_path, pipe)
+    assert "erase_after" in unlearn.INPUT_TYPES()["optional"]
+    assert unlearn.INPUT_TYPES()["optional"]["erase_after"][1]["default"] == "none"
+    first = unlearn.run(None, None, None, concept="red square", **CONTINUAL)["result"][0]
+    earlier = node(pack, "SaveErasureAdapter")().run(first, "erasure/no-red", False)["result"][0]
+    earlier_path = tmp_path / "loras" / earlier
+    before = earlier_path.read_bytes()
+    adapter, curve = unlearn.run(None, None, None, concept="blue triangle", erase_after=earlier, **CONTINUAL)["result"]
+    assert adapter.stored is not None and adapter.stored.is_stack and curve.ndim == 4
+    concepts = [p.concept for p in stacking.unstack(adapter.stored)]
+    assert concepts == ["red square", "blue triangle"]
+    assert earlier_path.read_bytes() == before  # the earlier file is untouched
+    saved = node(pack, "SaveErasureAdapter")().run(adapter, "erasure/no-red-blue", False)["result"][0]
+    on_disk = stacking.load(tmp_path / "loras" / saved)
+    assert [p.concept for p in stacking.unstack(on_disk)] == ["red square", "blue triangle"]
+    assert any(k.startswith("lora_unet_") for k in on_disk.tensors)  # the UNet key/value edits stack too
+    # the new part comes out again exactly: what remains is the earlier file's adapter
+    rest = stacking.remove(on_disk, "blue triangle")
+    assert [p.concept for p in rest.parts("rest")] == ["red square"]
+
+
+def test_erase_after_a_bad_earlier_file_is_one_clear_error(pack, tmp_path, monkeypatch, pipe, fake_comfy,
+                                                           other_model_dir):
+    adapter_io = sub("unlearn_core.adapter_io")
+    unlearn, _ = _continual_node(pack, monkeypatch, tmp_path, pipe)
+    (tmp_path / "loras").mkdir(parents=True)
+    (tmp_path / "loras" / "broken.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(adapter_io.AdapterFileError) as caught:
+        unlearn.run(None, None, None, concept="blue triangle", erase_after="broken.safetensors", **CONTINUAL)
+    assert full_type_name(type(caught.value)) == "concept_unlearn.AdapterFileError"
+    with pytest.raises(ValueError, match="erase_after: .*contextual method, not 'anchor'"):
+        unlearn.run(None, None, None, concept="blue triangle", erase_after="broken.safetensors",
+                    **(CONTINUAL | {"method": "anchor"}))
+    # an adapter made for another base model is refused before any training
+    other = load_pipeline(other_model_dir)
+    other_node, _ = _continual_node(pack, monkeypatch, tmp_path, other)
+    first = other_node.run(None, None, None, concept="red square", **CONTINUAL)["result"][0]
+    name = node(pack, "SaveErasureAdapter")().run(first, "other/no-red", False)["result"][0]
+    unlearn, _ = _continual_node(pack, monkeypatch, tmp_path, pipe)
+    fake_comfy["checks"] = 0
+    with pytest.raises(adapter_io.AdapterFileError, match="another base model") as caught:
+        unlearn.run(None, None, None, concept="blue triangle", erase_after=name, **CONTINUAL)
+    assert full_type_name(type(caught.value)) == "concept_unlearn.AdapterFileError"
+    assert fake_comfy["checks"] == 0  # no training step ran
