@@ -18,6 +18,8 @@ from . import host
 from .errors import readable_errors
 from .host import ErasureAdapter
 
+METHOD_DEFAULT_TARGETS = "method default"  # the targets widget's choice that leaves the method table's own
+
 CATEGORY = "Concept Unlearn"
 SUFFIX = "|ConceptUnlearn"
 METHODS = tuple(METHOD_TABLE)
@@ -155,11 +157,12 @@ class UnlearnConceptLoRA:
                 "method": (list(METHODS), {"default": DEFAULT_METHOD, "tooltip": " ".join(
                     f"{m.name}: {m.summary}" for m in METHOD_TABLE.values())}),
                 "kind": KIND,
-                "targets": (list(PRESETS), {"default": "fewshot", "tooltip": "Which text-encoder projections "
-                                            "learn: fewshot = the MLP (fc1, fc2) of every layer + the attention of "
-                                            "the last layer (the few-shot paper's choice, default); final = every "
-                                            "projection of the last layer only (smallest file, weakest); all = "
-                                            "every projection of every layer (largest file)."}),
+                "targets": ([METHOD_DEFAULT_TARGETS, *PRESETS], {"default": METHOD_DEFAULT_TARGETS, "tooltip":
+                            "Which text-encoder projections learn: method default (contextual: first, the others: "
+                            "fewshot); fewshot = the MLP (fc1, fc2) of every layer + the attention of the last "
+                            "layer (the few-shot paper's choice); first = the MLP of the first layer only; final = "
+                            "every projection of the last layer only (smallest file, weakest); all = every "
+                            "projection of every layer (largest file)."}),
                 "steps": ("INT", {"default": METHOD_TABLE[DEFAULT_METHOD].defaults["steps"], "min": 1, "max": 10000,
                                   "tooltip": "Optimisation steps (contextual: 200, a few seconds on a GPU; the "
                                              "UNet-loss methods: 60). The node logs the measured cost after step 1."}),
@@ -213,7 +216,8 @@ class UnlearnConceptLoRA:
                gradient_surgery=False, keep="", contexts="", robust=False, unet_kv_edit=True):
         return method_config(method, concept, synonyms=host.split_list(synonyms), kind=kind,
                              anchor=anchor.strip() or None, seed=seed, steps=steps, lr=learning_rate,
-                             preset=targets, rank=rank, preserve=host.split_lines(preserve) + ("",),
+                             preset=None if targets == METHOD_DEFAULT_TARGETS else targets, rank=rank,
+                             preserve=host.split_lines(preserve) + ("",),
                              keep=host.split_lines(keep), contexts=host.split_lines(contexts),
                              gradient_surgery=bool(gradient_surgery) or None,
                              adversarial_rounds=ROBUST_ROUNDS if robust else None,

@@ -38,7 +38,9 @@ METHODS = {"Contextual (default; images optional, no UNet pass)": "contextual",
            "Weighted (images + anchor, seed 000)": "weighted", "Few-shot (images, gradient ascent)": "fewshot",
            "Anchor (no images needed)": "anchor",
            "Few-shot, paper settings (10 steps, lr 1e-5, full weights saved as a rank-R LoRA by SVD)": "fewshot-paper"}
-PRESETS = {"Few-shot layers (MLP of all + last attention)": "fewshot", "Last layer": "final", "All layers": "all"}
+PRESETS = {"Method default (contextual: first layer's MLP; the others: few-shot layers)": None,
+           "Few-shot layers (MLP of all + last attention)": "fewshot", "First layer's MLP": "first",
+           "Last layer": "final", "All layers": "all"}
 EXPECTED = (ValueError, UnsupportedModelError, FileExistsError, AdapterFileError, ImageInputError, OSError)
 OUTPUTS = 3  # (message, saved path, loss curve)
 JOB = "concept_unlearn"  # shared.state.job while one of our buttons runs

@@ -97,7 +97,7 @@ def test_every_input_of_every_node_has_a_tooltip(pack):
 def test_tooltips_say_what_the_presets_mean(pack):
     required = node(pack, "UnlearnConceptLoRA").INPUT_TYPES()["required"]
     targets = required["targets"][1]["tooltip"]
-    assert all(f"{preset} =" in targets for preset in ("fewshot", "final", "all"))
+    assert all(f"{preset} =" in targets for preset in ("fewshot", "first", "final", "all"))
     for method in sub("nodes.comfy_nodes").METHODS:
         assert f"{method}:" in required["method"][1]["tooltip"]
 

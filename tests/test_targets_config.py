@@ -53,3 +53,8 @@ def test_paper_preset_matches_the_published_settings():
     config = EraseConfig.fewshot_paper("a cat")
     assert (config.method, config.steps, config.lr, config.betas, config.batch_size) == ("fewshot", 10, 1e-5, (0.9, 0.98), 2)
     assert config.lora.mode == "full" and config.lora.preset == "fewshot"
+
+
+def test_first_preset_is_the_mlp_of_the_first_layer_only():
+    assert resolve_targets("first", 23) == [Target(0, "fc1"), Target(0, "fc2")]
+    assert resolve_targets("first", 4) == resolve_targets("first", 24)  # any depth: the first layer

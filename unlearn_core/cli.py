@@ -373,9 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "average, away from the concept (default 0: onto it; 1 chose worse on the benchmark)")
     p.add_argument("--preserve", action="append", help="a prompt whose conditioning must not change (repeatable; "
                                                         "replaces the default list)")
-    p.add_argument("--preset", choices=("fewshot", "final", "all"), default=None,
-                   help="which projections to adapt (fewshot: fc1/fc2 of every layer + last attention; "
-                        "default: the method's)")
+    p.add_argument("--preset", choices=("fewshot", "first", "final", "all"), default=None,
+                   help="which projections to adapt (fewshot: fc1/fc2 of every layer + last attention; first: "
+                        "fc1/fc2 of the first layer, the contextual method's; default: the method's)")
     p.add_argument("--last-k", type=int, default=1, help="layers adapted by --preset final (default 1)")
     p.add_argument("--target", action="append", help="explicit LAYER.PROJ (proj: q k v out fc1 fc2); repeatable")
     p.add_argument("--mode", choices=("lora", "full"), default=None, help="LoRA deltas (default) or full-weight deltas")

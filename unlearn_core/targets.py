@@ -28,7 +28,7 @@ _LAYER_NUMBER = r"(0|[1-9][0-9]*)"
 _KOHYA_RE = re.compile(r"^lora_te_text_model_encoder_layers_" + _LAYER_NUMBER + "_(" + "|".join(_PROJ_FROM_SUFFIX)
                        + r")\Z")
 
-PRESETS = ("fewshot", "final", "all")
+PRESETS = ("fewshot", "first", "final", "all")
 
 
 @dataclass(frozen=True, order=True)
@@ -81,6 +81,9 @@ def resolve_targets(preset: str, num_layers: int, last_k: int = 1, explicit=()) 
     """Targets for a preset, on a text encoder whose conditioning uses ``num_layers`` layers.
 
     fewshot: mlp fc1/fc2 of every layer + self-attention of the last layer (Fuchi & Takagi 2024).
+    first:   mlp fc1/fc2 of the first layer, where a word's position still holds little but the word itself (the
+             contextual method's default: on the benchmark's dev split it kept more neighbours than fewshot at
+             the same erasure, bench/RESULTS.md 3.1).
     final:   every projection of the last ``last_k`` layers.
     all:     every projection of every layer.
     explicit targets (``Target`` or "LAYER.PROJ") replace the preset when given.
@@ -90,6 +93,8 @@ def resolve_targets(preset: str, num_layers: int, last_k: int = 1, explicit=()) 
     elif preset == "fewshot":
         targets = [Target(n, p) for n in range(num_layers) for p in MLP]
         targets += [Target(num_layers - 1, p) for p in ATTENTION]
+    elif preset == "first":
+        targets = [Target(0, p) for p in MLP]
     elif preset == "final":
         if not 1 <= last_k <= num_layers:
             raise ValueError(f"last_k must be between 1 and {num_layers}, got {last_k}")
