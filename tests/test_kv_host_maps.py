@@ -158,7 +158,8 @@ def test_unlearn_node_offers_the_edit_and_apply_takes_the_model(pack):
     unlearn = pack.NODE_CLASS_MAPPINGS["UnlearnConceptLoRA|ConceptUnlearn"]
     spec = unlearn.INPUT_TYPES()["optional"]["unet_kv_edit"]
     assert spec[0] == "BOOLEAN" and spec[1]["default"] is True and "MODEL" in spec[1]["tooltip"]  # the default
-    assert list(unlearn.INPUT_TYPES()["optional"])[-1] == "unet_kv_edit"  # last widget: saved workflows keep theirs
+    # widgets are only ever appended (saved workflows keep theirs): unet_kv_edit, then the newer erase_after
+    assert list(unlearn.INPUT_TYPES()["optional"])[-2:] == ["unet_kv_edit", "erase_after"]
     on = unlearn.config("a cat", "", "contextual", "object", "fewshot", 2, 2, 1e-3, "", "", 0, unet_kv_edit=True)
     default = unlearn.config("a cat", "", "contextual", "object", "fewshot", 2, 2, 1e-3, "", "", 0)
     off = unlearn.config("a cat", "", "contextual", "object", "fewshot", 2, 2, 1e-3, "", "", 0, unet_kv_edit=False)
