@@ -258,11 +258,7 @@ class UnlearnConceptLoRA:
         """The earlier adapter picked in erase_after (continual.read_earlier), or None for a plain erasure."""
         if not erase_after or erase_after == NO_EARLIER:
             return None
-        if config.method != "contextual":
-            raise ValueError(f"erase_after: erasing after an earlier adapter is an option of the contextual "
-                             f"method, not {config.method!r}: pick contextual, or set erase_after to none")
-        if config.lora.mode == "full" and not config.lora.compress_rank:
-            raise ValueError("erase_after: full-weight deltas do not stack onto the earlier file")
+        continual.check_config(config, "erase_after", ": pick contextual, or set erase_after to none")
         return continual.read_earlier(host.full_path("loras", erase_after))
 
 

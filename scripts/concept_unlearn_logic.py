@@ -30,7 +30,7 @@ from unlearn_core.images import ImageInputError, prepare
 from unlearn_core.methods import ROBUST_ROUNDS, method_config
 from unlearn_core.plots import loss_curve
 from unlearn_core import kv_edit, stacking
-from unlearn_core.continual import check_earlier, grown, read_earlier
+from unlearn_core.continual import check_config, check_earlier, grown, read_earlier
 from unlearn_core.tokens import token_file_stem
 
 BACKEND = "concept_unlearn_a1111_backend"  # registered by the tab (and tests) before they load this file
@@ -309,11 +309,7 @@ def _earlier(host: Host, erase_after: str, config: EraseConfig):
     plain erasure."""
     if not (erase_after or "").strip() or erase_after.strip() == NO_EARLIER:
         return None, None
-    if config.method != "contextual":
-        raise ValueError(f"erase after: erasing after an earlier adapter is an option of the contextual method, not "
-                         f"{config.method!r}: pick Contextual, or set 'Erase after' to none")
-    if config.lora.mode == "full" and not config.lora.compress_rank:
-        raise ValueError("erase after: full-weight deltas do not stack onto the earlier file")
+    check_config(config, "erase after", ": pick Contextual, or set 'Erase after' to none")
     earlier_file = find_file(erase_after, host.lora_dir, "erase after")
     return read_earlier(earlier_file), earlier_file
 

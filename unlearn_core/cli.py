@@ -153,19 +153,15 @@ def cmd_erase(args) -> None:
     from .adapter_io import base_fingerprint, read_token, write_adapter
     from . import stacking
     from .cli_checks import check_token_file_option
-    from .continual import check_earlier, grown, read_earlier
+    from .continual import check_config, check_earlier, grown, read_earlier
     from .erase import erase
     from .images import find_images
     from .plots import loss_curve
 
     config = erase_config_from_args(args)
     out = _check_out(args.out, args.force, ".safetensors")
-    if args.after and config.method != "contextual":
-        raise ValueError(f"--after: erasing after earlier adapters is an option of the contextual method, not "
-                         f"{config.method!r}")
-    if args.after and config.lora.mode == "full" and not config.lora.compress_rank:
-        raise ValueError("--after: full-weight deltas do not stack onto the earlier file; erase in LoRA mode, or "
-                         "add --compress-rank")
+    if args.after:
+        check_config(config, "--after", " (add --method contextual)")
     earlier = [read_earlier(path) for path in args.after or ()]  # the files, before any model loads
     if args.images:
         find_images(args.images)

@@ -65,6 +65,18 @@ def erased_concepts(stored: StoredAdapter, name: str) -> tuple[list[str], list[s
     return list(dict.fromkeys(names)), list(dict.fromkeys(p.strip() for p in phrases))
 
 
+def check_config(config, option: str, hint: str = "") -> None:
+    """Refuse, before any file or model is read, a run that cannot be stacked onto an earlier file: only the
+    contextual method erases after earlier adapters, and full-weight deltas do not stack. ``option`` names the
+    host's input in the message; ``hint`` ends it (what to do in that host)."""
+    if config.method != "contextual":
+        raise ValueError(f"{option}: erasing after an earlier adapter is an option of the contextual method, not "
+                         f"{config.method!r}{hint}")
+    if config.lora.mode == "full" and not config.lora.compress_rank:
+        raise ValueError(f"{option}: full-weight deltas do not stack onto the earlier file; erase in LoRA mode, or "
+                         "with a compress rank")
+
+
 def read_earlier(path, backend=None) -> Earlier:
     """Read and check an earlier adapter (or stack) to erase after: a valid LoRA file with its concepts recorded;
     with a backend, one made for that model (its fingerprint recorded and matching, its shapes fitting)."""
