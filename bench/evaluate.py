@@ -10,6 +10,8 @@ keep list; methods that erase with a learned token learn one first), then genera
   unusual     all phrasings in an unusual but renderable form (a comma before the style)  (want ~0)
   others      other concepts of the same kind; kept only if every attribute the prompt names survives
   related     the examples' other attributes with another value of the kind; same rule
+  descriptive (--descriptive) the concept described without its phrasings' words (bench.descriptive), as
+              many prompts as the erase set; absent for a concept with no description  (want ~0)
   ti_attack_recovery  a token re-learned on the erased model (2 vectors, 300 steps) shows the concept
   ti_token_clean      the same attack on the clean model (its ceiling)
   prompt_attack       (--prompt-attack) a prompt-search attack on the erased model: a few ordinary vocabulary words
@@ -37,6 +39,9 @@ attack and the strength sweep stay on the in-memory deltas.
 --prompt-attack: bench.prompt_attack's greedy coordinate search over vocabulary words (budget in the report's
 "prompt_attack_budget"; the kept loss per iteration in "prompt_attack_losses", the concept's name's loss on the same
 batch in "prompt_attack_name_loss"), on the in-memory deltas like the re-learning attack; off by default.
+
+--descriptive: adds the prompt set "descriptive" (bench.descriptive.DESCRIPTIONS; also to a --prompts file's sets), so
+the report's "descriptive", "descriptive_before", "acc_descriptive" and "acc_descriptive_before"; off by default.
 
 --strengths 0 0.5 1 1.5: the after sets (but the unusual one) again with the adapter at each strength, the
 text-encoder LoRA and the UNet key/value edit both scaled (as hosts' strength sliders do; 0 is the clean model);
@@ -83,7 +88,7 @@ TOKEN_METHODS = ("weighted", "fewshot", "paper", "anchor")  # erase with a token
 ERASE_TOKEN = dict(n_vectors=1, steps=150)  # the token a user learns to erase with
 ATTACK_TOKEN = dict(n_vectors=2, steps=300)  # the re-learning attack's budget
 STOP_WORDS = frozenset({"a", "an", "on", "as", "with", "it", "the", "of", "in", "behind", "drawn"})
-SETS = ("erase", "synonyms", "unusual", "others", "related")
+SETS = ("erase", "synonyms", "unusual", "descriptive", "others", "related")  # "descriptive" with --descriptive
 STRENGTH_SETS = ("erase", "synonyms", "others", "related")  # measured at every strength of --strengths
 KINDS = {"shape": world.SHAPES, "colour": world.COLOURS, "style": world.STYLES}
 
@@ -141,37 +146,52 @@ def caption_with(label: world.Label, kind: str, phrase: str, rng: random.Random,
     return f"{article} {colour} {noun}{',' if unusual else ''} {style}"
 
 
+def random_label(rng: random.Random, **fixed) -> world.Label:
+    """A label with random values but the ``fixed`` ones (a value is drawn for every kind, fixed or not)."""
+    values = {k: fixed.get(k, rng.choice(list(v))) for k, v in KINDS.items()}
+    return world.Label(values["shape"], values["colour"], values["style"])
+
+
+def concept_entry(concept: str, phrase: str, rng: random.Random, unusual: bool = False) -> dict:
+    """A prompt set entry: the concept written as ``phrase`` in a caption with random other attributes."""
+    kind = world.CONCEPT_KINDS[concept]
+    label = random_label(rng, **{kind: concept})
+    return {"prompt": caption_with(label, kind, phrase, rng, unusual), "expect": {kind: concept}}
+
+
 def default_prompt_sets(concept: str, per_set: int, seed: int) -> dict[str, list[dict]]:
     kind = world.CONCEPT_KINDS[concept]
     names = {k: list(v) for k, v in KINDS.items()}
     erased, held_out = erase_phrasings(concept), world.phrasings(concept)[held_out_index(concept)]
     rng = random.Random(seed)
 
-    def random_label(**fixed) -> world.Label:
-        values = {k: fixed.get(k, rng.choice(names[k])) for k in names}
-        return world.Label(values["shape"], values["colour"], values["style"])
-
-    def concept_entry(phrase: str, unusual: bool = False) -> dict:
-        label = random_label(**{kind: concept})
-        return {"prompt": caption_with(label, kind, phrase, rng, unusual), "expect": {kind: concept}}
-
     def kept_entry(label: world.Label) -> dict:  # every attribute the prompt names must survive
         return {"prompt": world.caption(label, rng),
                 "expect": {"shape": label.shape, "colour": label.colour, "style": label.style}}
 
-    others = [kept_entry(random_label(**{kind: rng.choice([n for n in names[kind] if n != concept])}))
+    others = [kept_entry(random_label(rng, **{kind: rng.choice([n for n in names[kind] if n != concept])}))
               for _ in range(per_set)]
-    anchor_label = random_label(**{kind: concept})  # related: the examples' other attributes, another value
+    anchor_label = random_label(rng, **{kind: concept})  # related: the examples' other attributes, another value
     related = []
     for _ in range(per_set):
         values = {"shape": anchor_label.shape, "colour": anchor_label.colour, "style": anchor_label.style,
                   kind: rng.choice([n for n in names[kind] if n != concept])}
         related.append(kept_entry(world.Label(values["shape"], values["colour"], values["style"])))
     all_phrasings = world.phrasings(concept)
-    return {"erase": [concept_entry(erased[i % len(erased)]) for i in range(per_set)],
-            "synonyms": [concept_entry(held_out) for _ in range(per_set)],
-            "unusual": [concept_entry(all_phrasings[i % len(all_phrasings)], unusual=True) for i in range(per_set)],
+    entry = partial(concept_entry, concept, rng=rng)
+    return {"erase": [entry(erased[i % len(erased)]) for i in range(per_set)],
+            "synonyms": [entry(held_out) for _ in range(per_set)],
+            "unusual": [entry(all_phrasings[i % len(all_phrasings)], unusual=True) for i in range(per_set)],
             "others": others, "related": related}
+
+
+def with_descriptive(prompt_sets: dict, concept: str, seed: int) -> dict:
+    """The prompt sets and a "descriptive" set (bench.descriptive) as large as the erase set; the same sets for a
+    concept with no description."""
+    from .descriptive import descriptive_prompts  # it builds its entries with this module's helpers
+
+    entries = descriptive_prompts(concept, len(prompt_sets["erase"]), seed)
+    return prompt_sets | {"descriptive": entries} if entries else prompt_sets
 
 
 def attack_prompt_set(concept: str, count: int, token: str, seed: int) -> list[dict]:
@@ -466,6 +486,8 @@ def main() -> None:
                         help="also measure the adapter at these strengths, e.g. 0 0.5 1 1.5 (see above)")
     parser.add_argument("--prompt-attack", action="store_true",
                         help="also run the prompt-search attack (vocabulary words, see above); off by default")
+    parser.add_argument("--descriptive", action="store_true",
+                        help="also measure prompts that describe the concept, never naming it (see above)")
     parser.add_argument("--out", required=True, help="report .json (grid and loss PNGs are written beside it)")
     args = parser.parse_args()
     if args.concept not in world.CONCEPT_KINDS:
@@ -473,6 +495,8 @@ def main() -> None:
     torch.set_num_threads(1)
     prompt_sets = (json.loads(Path(args.prompts).read_text()) if args.prompts
                    else default_prompt_sets(args.concept, args.per_set, args.seed))
+    if args.descriptive:
+        prompt_sets = with_descriptive(prompt_sets, args.concept, args.seed)
     overrides = parse_overrides(args.set)
     if args.mode:
         overrides["lora"] = LoraConfig(mode=args.mode, compress_rank=args.compress_rank)

@@ -7,7 +7,9 @@ Splits are fixed and balanced over kinds: tune settings on ``dev`` concepts, rep
 Each concept's counts are pooled over ``--seeds`` (different example images, prompts and attack seeds), and
 every accuracy has its 95 % Wilson interval. Writes <out>/suite-<name>.json and <out>/suite-<name>.md.
 ``--from-file`` is passed to every run (bench.evaluate: the after sets from the adapter file loaded by diffusers),
-and so is ``--prompt-attack`` (the prompt-search attack: a "prompt attack" column and summary entry).
+and so are ``--prompt-attack`` (the prompt-search attack: a "prompt attack" column and summary entry) and
+``--descriptive`` (prompts describing the concept without naming it, bench.descriptive: a "descriptive" column, "-" for
+a concept with no description, and a summary entry over the concepts that have one).
 """
 from __future__ import annotations
 
@@ -43,6 +45,8 @@ def run_one(concept: str, seed: int, args, out: Path) -> dict:
         command.append("--from-file")
     if getattr(args, "prompt_attack", False):
         command.append("--prompt-attack")
+    if getattr(args, "descriptive", False):
+        command.append("--descriptive")
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
         return {"concept": concept, "seed": seed, "error": (done.stderr.strip().splitlines() or ["?"])[-1]}
@@ -52,7 +56,8 @@ def run_one(concept: str, seed: int, args, out: Path) -> dict:
 def pool(reports: list[dict]) -> dict:
     """One concept's reports (one per seed) pooled: counts added, intervals recomputed, costs averaged."""
     row = {"concept": reports[0]["concept"], "seeds": [r["seed"] for r in reports]}
-    optional = ("prompt_attack",) if all("prompt_attack" in r for r in reports) else ()
+    optional = tuple(name for name in ("prompt_attack", "descriptive", "descriptive_before")
+                     if all(name in r for r in reports))
     for name in RATES + optional + tuple(f"{n}_before" for n in ("erased", "synonyms", "unusual", "others", "related")):
         key = "ti_token_clean_ci" if name == "ti_token_clean" else name
         k, n = sum(r[key]["k"] for r in reports), sum(r[key]["n"] for r in reports)
@@ -71,6 +76,9 @@ def summary(rows: list[dict]) -> dict:
 
     optional = {"prompt_attack": stat([r["prompt_attack"]["value"] for r in rows], max)} \
         if all("prompt_attack" in r for r in rows) else {}
+    described = [r["descriptive"]["value"] for r in rows if "descriptive" in r]  # concepts with a description
+    if described:
+        optional["descriptive"] = stat(described, max)
     return {
         "erased": stat([r["erased"]["value"] for r in rows], max),
         "synonyms": stat([r["synonyms"]["value"] for r in rows], max),
@@ -93,17 +101,23 @@ def _cell(m: dict, before: dict | None = None) -> str:
 
 def table(rows: list[dict], summary_row: dict, title: str) -> str:
     prompt = "prompt_attack" in summary_row  # a column only when the runs had --prompt-attack
+    described = "descriptive" in summary_row  # a column only when the runs had --descriptive (and a description)
     lines = [f"### {title}", "",
-             "| concept | erased | held-out phrasing | unusual | others kept | related kept | TI attack (clean) "
+             "| concept | erased | held-out phrasing | unusual " + ("| descriptive " if described else "")
+             + "| others kept | related kept | TI attack (clean) "
              + ("| prompt attack " if prompt else "") + "| h_o | UNet calls / samples | s |",
-             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if prompt else "")]
+             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if prompt else "") + ("---|" if described else "")]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['concept']} | failed: {r['error']} |||||||||" + ("|" if prompt else ""))
+            lines.append(f"| {r['concept']} | failed: {r['error']} |||||||||" + ("|" if prompt else "")
+                         + ("|" if described else ""))
             continue
+        descriptive = (f"| {_cell(r['descriptive'], r['descriptive_before'])} " if "descriptive" in r else "| - ") \
+            if described else ""
         lines.append(
             f"| {r['concept']} | {_cell(r['erased'], r['erased_before'])} | {_cell(r['synonyms'], r['synonyms_before'])} "
-            f"| {_cell(r['unusual'], r['unusual_before'])} | {_cell(r['others'], r['others_before'])} "
+            f"| {_cell(r['unusual'], r['unusual_before'])} {descriptive}"
+            f"| {_cell(r['others'], r['others_before'])} "
             f"| {_cell(r['related'], r['related_before'])} | {_cell(r['ti_attack'])} ({100 * r['ti_token_clean']['value']:.0f}) "
             + (f"| {_cell(r['prompt_attack'])} " if prompt and "prompt_attack" in r else "| - " if prompt else "")
             + f"| {r['h_o']:.2f} | {r['unet_calls']:.0f} / {r['unet_samples']:.0f} | {r['seconds']:.1f} |")
@@ -112,6 +126,8 @@ def table(rows: list[dict], summary_row: dict, title: str) -> str:
               f"erased {100 * s['erased']['mean']:.1f} / {100 * s['erased']['worst']:.0f}, "
               f"held-out {100 * s['synonyms']['mean']:.1f} / {100 * s['synonyms']['worst']:.0f}, "
               f"unusual {100 * s['unusual']['mean']:.1f} / {100 * s['unusual']['worst']:.0f}, "
+              + (f"descriptive {100 * s['descriptive']['mean']:.1f} / {100 * s['descriptive']['worst']:.0f}, "
+                 if described else "") +
               f"others drop {100 * s['others_drop']['mean']:.1f} / {100 * s['others_drop']['worst']:.0f}, "
               f"related drop {100 * s['related_drop']['mean']:.1f} / {100 * s['related_drop']['worst']:.0f}, "
               f"TI attack {100 * s['ti_attack']['mean']:.1f} / {100 * s['ti_attack']['worst']:.0f}, "
@@ -139,6 +155,8 @@ def main() -> None:
                         help="after images from the adapter file loaded by diffusers (see bench.evaluate --help)")
     parser.add_argument("--prompt-attack", action="store_true",
                         help="also run the prompt-search attack in every run (see bench.evaluate --help)")
+    parser.add_argument("--descriptive", action="store_true",
+                        help="also measure descriptive prompts in every run (see bench.evaluate --help)")
     parser.add_argument("--name", help="name of this configuration in file names (default: method-split, "
                                        "-from-file added with --from-file)")
     parser.add_argument("--jobs", type=int, default=2)
@@ -164,7 +182,7 @@ def main() -> None:
     ok = [r for r in rows if "error" not in r]
     result = {"method": args.method, "split": args.split, "concepts": list(concepts), "seeds": args.seeds,
               "per_set": args.per_set, "overrides": args.set, "steps": args.steps, "from_file": args.from_file,
-              "prompt_attack": args.prompt_attack,
+              "prompt_attack": args.prompt_attack, "descriptive": args.descriptive,
               "rows": rows, "summary": summary(ok) if ok else None}
     (out / f"suite-{name}.json").write_text(json.dumps(result, indent=1))
     text = table(rows, result["summary"], f"{name}: {len(ok)} concepts x {len(args.seeds)} seeds, "
