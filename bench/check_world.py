@@ -30,7 +30,7 @@ def check(model=evaluate.MODEL, per_concept: int = 8, seed: int = 0, steps: int 
         entries = [{"prompt": world.caption(label, rng), "expect": {kind: concept}}
                    for label in (rng.choice(labels) for _ in range(per_concept))]
         images = evaluate.generate(pipe, backend, [e["prompt"] for e in entries], seed, steps=steps, guidance=guidance)
-        scores[concept] = evaluate.share(judge, images, entries)
+        scores[concept] = evaluate.hits(judge, images, entries) / len(entries)
     return scores
 
 

@@ -287,3 +287,100 @@ def test_suite_shows_the_prompt_attack_only_when_the_runs_had_it():
     header, rule, row = text.splitlines()[2:5]
     assert "prompt attack" in header and header.count("|") == rule.count("|") == row.count("|")
     assert "prompt attack 12.5 / 12" in text
+
+
+def test_descriptions_never_use_their_concepts_own_words_and_keep_to_the_captions_vocabulary():
+    """A description names no content word of any of its concept's phrasings, no colour, and only words the world's
+    captions use (the world's text encoder learned no others)."""
+    from bench import descriptive, evaluate
+
+    def words(phrase):
+        return set(phrase.lower().replace("-", " ").split())
+
+    vocabulary = {"a", "an"}.union(*(words(p) for c in world.CONCEPT_KINDS for p in world.phrasings(c)))
+    colours = set().union(*(words(p) for c in world.COLOURS for p in world.phrasings(c)))
+    assert descriptive.DESCRIPTIONS and set(descriptive.DESCRIPTIONS) <= set(world.CONCEPT_KINDS)
+    for concept, phrases in descriptive.DESCRIPTIONS.items():
+        own = set().union(*(evaluate.content_words(p) for p in world.phrasings(concept)))
+        for phrase in phrases:
+            assert not evaluate.content_words(phrase) & own, (concept, phrase)
+            assert not descriptive.own_words(concept, phrase)
+            assert words(phrase) <= vocabulary and not words(phrase) & colours, (concept, phrase)
+    assert descriptive.own_words("star", "a five-pointed shape") == {"five", "pointed", "shape"}
+
+
+def test_descriptive_prompts_are_harness_entries_and_only_for_described_concepts():
+    from bench import descriptive, evaluate
+
+    for concept in world.CONCEPT_KINDS:
+        entries = descriptive.descriptive_prompts(concept, 5, seed=3)
+        sets = evaluate.with_descriptive(evaluate.default_prompt_sets(concept, per_set=4, seed=3), concept, 3)
+        if concept not in descriptive.DESCRIPTIONS:
+            assert entries == [] and "descriptive" not in sets
+            continue
+        assert entries == descriptive.descriptive_prompts(concept, 5, seed=3)  # seeded
+        kind = world.CONCEPT_KINDS[concept]
+        phrases = descriptive.DESCRIPTIONS[concept]
+        for i, entry in enumerate(entries):
+            assert set(entry) == {"prompt", "expect"} and entry["expect"] == {kind: concept}
+            assert phrases[i % len(phrases)] in entry["prompt"]
+            assert not any(p.split(" ", 1)[1] if kind == "shape" else p in entry["prompt"]
+                           for p in world.phrasings(concept))
+        assert len(sets["descriptive"]) == len(sets["erase"]) == 4
+
+
+@pytest.mark.skipif(not HAS_MODEL, reason="world model not committed yet")
+@pytest.mark.parametrize("flag", [True, False])
+def test_harness_reports_the_descriptive_set_only_with_the_flag(tmp_path, flag):
+    import json
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "bench.evaluate", "--concept", "sketch", "--images", "2", "--per-set", "2",
+               "--steps", "2", "--attack-steps", "2", "--sample-steps", "2", "--set", "max_contexts=2",
+               "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "r.json")] + (["--descriptive"] if flag else [])
+    done = subprocess.run(command, capture_output=True, text=True, cwd=BENCH.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "r.json").read_text())
+    fields = ("descriptive", "descriptive_before", "acc_descriptive", "acc_descriptive_before")
+    if not flag:
+        assert not any(f in report for f in fields) and "acc_descriptive" not in done.stdout
+        return
+    for name in ("descriptive", "descriptive_before"):
+        m = report[name]
+        assert m["n"] == 2 and 0 <= m["k"] <= 2 and m["ci95"][0] <= m["value"] <= m["ci95"][1]
+    assert report["acc_descriptive"] == report["descriptive"]["value"]
+    assert "acc_descriptive" in json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_suite_shows_the_descriptive_set_only_when_a_run_had_it():
+    from bench import suite
+    from bench.evaluate import measured
+
+    def report(concept, seed, described):
+        fields = {name: measured(1, 4) for name in suite.RATES + tuple(
+            f"{n}_before" for n in ("erased", "synonyms", "unusual", "others", "related")) + ("ti_token_clean_ci",)}
+        extra = {"descriptive": measured(seed, 4), "descriptive_before": measured(4, 4)} if described else {}
+        return {"concept": concept, "seed": seed, "seconds": 1, "unet_calls": 0, "unet_samples": 0} | fields | extra
+
+    plain = [suite.pool([report("star", 0, False), report("star", 1, False)])]
+    before = suite.table(plain, suite.summary(plain), "t")
+    assert "descriptive" not in plain[0] and "descriptive" not in suite.summary(plain) and "descriptive" not in before
+    rows = [suite.pool([report("dots", 0, True), report("dots", 1, True)]), plain[0]]
+    assert rows[0]["descriptive"]["k"] == 1 and rows[0]["descriptive"]["n"] == 8
+    assert suite.summary(rows)["descriptive"] == {"mean": 0.125, "worst": 0.125}  # over described concepts only
+    text = suite.table(rows, suite.summary(rows), "t")
+    header, rule, dots, star = text.splitlines()[2:6]
+    assert "| unusual | descriptive | others kept |" in header
+    assert header.count("|") == rule.count("|") == dots.count("|") == star.count("|")
+    assert "| 100 → 12 [" in dots and "| - |" in star and "descriptive 12.5 / 12" in text
+    assert star.replace("| - ", "", 1) == before.splitlines()[4]  # the other columns as without the set
+
+
+def test_world_check_scores_every_concept_by_its_own_attribute():
+    from bench import check_world
+
+    scores = check_world.check(per_concept=2, steps=4)
+    assert set(scores) == set(world.CONCEPT_KINDS)
+    assert all(score in (0.0, 0.5, 1.0) for score in scores.values())
+    assert sum(scores.values()) > 0, "the clean world model renders some concept even in 4 sampler steps"
