@@ -109,7 +109,8 @@ def erase_config_from_args(args):
                     gradient_surgery=args.gradient_surgery or None,
                     preserve=tuple(args.preserve) if args.preserve is not None else None,
                     keep=tuple(args.keep or ()), contexts=tuple(args.context or ()),
-                    negative_guidance=args.negative_guidance, adversarial_rounds=args.adversarial_rounds,
+                    negative_guidance=args.negative_guidance, neighbour_target=args.neighbour_target,
+                    adversarial_rounds=args.adversarial_rounds,
                     unet_kv_edit=args.unet_kv_edit, update_weight=args.update_weight,
                     preset=args.preset, last_k=args.last_k,
                     targets=tuple(args.target or ()), mode=args.mode, rank=args.rank, alpha=args.alpha,
@@ -296,6 +297,7 @@ def _model_options(parser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .cli_checks import seed_value
     from .methods import DEFAULT_METHOD, METHODS
+    from .neighbours import TARGETS
 
     parser = argparse.ArgumentParser(prog="concept-unlearn", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
@@ -367,6 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-guidance", type=float, default=None,
                    help="contextual: push the concept's target this many times past the anchor / neighbours' "
                         "average, away from the concept (default 0: onto it; 1 chose worse on the benchmark)")
+    p.add_argument("--neighbour-target", choices=TARGETS, default=None,
+                   help="contextual, no --anchor: where the concept goes in each context (mean: its --keep "
+                        "neighbours' average; typical: the neighbour nearest that average; auto: typical when the "
+                        "concept itself is central, where the average would still read as it; default: the method's)")
     p.add_argument("--preserve", action="append", help="a prompt whose conditioning must not change (repeatable; "
                                                         "replaces the default list)")
     p.add_argument("--preset", choices=("fewshot", "first", "final", "all"), default=None,

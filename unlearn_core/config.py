@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from .neighbours import TARGETS
 from .targets import PRESETS, Target
 from .tokens import check_token_name
 
@@ -190,6 +191,9 @@ class EraseConfig:
     contexts: tuple[str, ...] = ()
     keep: tuple[str, ...] = ()
     negative_guidance: float = 1.0
+    # contextual, no anchor: where the concept goes in each context ("mean": its neighbours' average; "typical": its
+    # neighbour nearest that average; "auto": the typical one where the concept itself is central, see neighbours.py)
+    neighbour_target: str = "mean"
     max_contexts: int = 48
     prompt_batch: int = 32  # prompts per step of each kind (erase, keep) for the conditioning-space method
     empty_weight: float = 10.0
@@ -218,6 +222,8 @@ class EraseConfig:
         _check_contexts(self.contexts, "contexts")
         _require(all(k.strip() for k in self.keep), "keep", "contains an empty entry")
         _require(self.negative_guidance >= 0, "negative_guidance", f"must be >= 0, got {self.negative_guidance}")
+        _require(self.neighbour_target in TARGETS, "neighbour_target",
+                 f"must be one of {', '.join(TARGETS)}, got {self.neighbour_target!r}")
         _require(self.max_contexts >= 1, "max_contexts", f"must be >= 1, got {self.max_contexts}")
         _require(0 <= self.adversarial_rounds <= 10, "adversarial_rounds", f"must be 0..10, got {self.adversarial_rounds}")
         _require(self.adversarial_rounds == 0 or self.method in CONDITIONING_METHODS, "adversarial_rounds",

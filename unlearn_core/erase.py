@@ -17,6 +17,7 @@ from .contexts import build_contexts, erase_pairs, fill, keep_prompts
 from .inversion import encode_latents, learn_token
 from .kv_edit import KVDeltas
 from .lora import Deltas, target_shapes
+from .neighbours import Spread
 from .prompt_cache import CACHES, PromptEncoder
 from .prompts import sample_prompts
 from .targets import resolve_targets
@@ -321,30 +322,48 @@ def _contextual(backend: Backend, config: EraseConfig, images: torch.Tensor | No
     unet = PassCounter(backend)
     history = []
 
-    def anchor_conditioning(share: Share, pairs: list[tuple[str, str]], per_context: int) -> torch.Tensor:
+    neighbour_targets: dict[int, torch.Tensor] = {}  # per share: its contexts' target (one row per context)
+    target_notes: list[str] = []
+
+    def neighbour_target(index: int, share: Share) -> torch.Tensor:
+        """In each context the concept becomes its neighbours' average (what it shares with its kind), or its most
+        typical neighbour where the average would still read as the concept (``neighbours``)."""
+        if index not in neighbour_targets:
+            spread = Spread(len(share.neighbours))
+            means = torch.stack([spread.add(encoder.frozen([fill(c, p) for p in share.concept.phrases],
+                                                           remember=False).mean(0),
+                                            encoder.frozen([fill(c, k) for k in share.neighbours], remember=False))
+                                 for c in share.contexts])
+            chosen = spread.choice(config.neighbour_target)
+            if chosen is not None:
+                means = encoder.frozen([fill(c, share.neighbours[chosen]) for c in share.contexts], remember=False)
+                target_notes.append(f"{share.concept.name!r} becomes its most typical neighbour "
+                                    f"{share.neighbours[chosen]!r} (neighbour_target {config.neighbour_target!r})")
+            neighbour_targets[index] = means
+        return neighbour_targets[index]
+
+    def anchor_conditioning(index: int, share: Share, pairs: list[tuple[str, str]], per_context: int) -> torch.Tensor:
         if config.anchor or not share.neighbours:  # frozen only: nothing of theirs is kept for training passes
             return encoder.frozen([anchor for _, anchor in pairs], remember=False)
-        # no anchor named, neighbours known: in each context the concept becomes its neighbours' average
-        # (what the concept shares with its kind), not the bare context, which a model may still render as it
-        means = torch.stack([encoder.frozen([fill(c, k) for k in share.neighbours], remember=False).mean(0)
-                             for c in share.contexts])
-        return means.repeat_interleave(per_context, dim=0)
+        # no anchor named, neighbours known: not the bare context, which a model may still render as the concept
+        return neighbour_target(index, share).repeat_interleave(per_context, dim=0)
 
-    def add_subjects(share: Share, subjects: list[str], tok: ConceptToken | None) -> None:
+    def add_subjects(index: int, subjects: list[str], tok: ConceptToken | None) -> None:
+        share = shares[index]
         pairs = erase_pairs(share.contexts, subjects, config.anchor)
         prompts = [prompt for prompt, _ in pairs]
         with torch.no_grad(), deltas.off():
             target_parts.append(objectives.negative_target(
-                anchor_conditioning(share, pairs, len(subjects)), encoder.frozen(prompts, tok),
+                anchor_conditioning(index, share, pairs, len(subjects)), encoder.frozen(prompts, tok),
                 config.negative_guidance))
         erase_prompts.extend(prompts)
         erase_tokens.extend([tok] * len(prompts))
 
     with training_context(backend), deltas.inject(backend.linear):
-        for share in shares:  # each concept as a single erasure of its share would build it; the union is erased
-            add_subjects(share, list(share.concept.phrases), None)
+        for index, share in enumerate(shares):  # each concept as a single erasure of its share would build it
+            add_subjects(index, list(share.concept.phrases), None)
         if token is not None:  # the token (and the robust option's tokens) stand for the first concept
-            add_subjects(shares[0], [token.name], token)
+            add_subjects(0, [token.name], token)
         with torch.no_grad(), deltas.off():
             keep_cond = encoder.frozen(keep) if keep else None
             empty_cond = encoder.frozen([""])
@@ -383,7 +402,7 @@ def _contextual(backend: Backend, config: EraseConfig, images: torch.Tensor | No
             if round_:
                 learned = _adversarial_token(backend, deltas, config, images, round_, counting)
                 unet.calls, unet.samples = unet.calls + learned.unet_calls, unet.samples + learned.unet_samples
-                add_subjects(shares[0], [learned.token.name], learned.token)
+                add_subjects(0, [learned.token.name], learned.token)
             history += run(loss_fn, deltas.parameters(), optimizer, steps, counting, scaler=scaler)
     joint = [f"{len(config.concepts)} concepts erased jointly: {config.concept_label}"] if config.also else []
     after = tuple(dict.fromkeys(c for e in earlier for c in e.concepts))
@@ -392,7 +411,7 @@ def _contextual(backend: Backend, config: EraseConfig, images: torch.Tensor | No
                      f"{len(kept_erased)} prompts of theirs kept erased"
                      + (f", update regulariser weight {config.update_weight:g}" if regularise else ""))
     contexts = {c for share in shares for c in share.contexts}
-    notes = joint + joint_notes + encoder.notes + [f"erased in {len(contexts)} contexts ({len(erase_prompts)} prompts), kept "
+    notes = joint + joint_notes + target_notes + encoder.notes + [f"erased in {len(contexts)} contexts ({len(erase_prompts)} prompts), kept "
                                    f"{len(keep)} prompts and the empty one"] + (
         [f"{config.adversarial_rounds} adversarial token(s) learned and erased"] if config.adversarial_rounds else [])
     unet_deltas = kv_edit.after_erasure(backend, config, deltas, erase_prompts, erase_tokens, torch.cat(target_parts),

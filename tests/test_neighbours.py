@@ -1,0 +1,50 @@
+"""Where a concept goes without an anchor: the neighbours' average, or its most typical neighbour."""
+import pytest
+import torch
+
+from unlearn_core.config import EraseConfig, LoraConfig
+from unlearn_core.erase import erase
+from unlearn_core.neighbours import Spread
+from unlearn_core.tokens import encode
+
+
+def _spread(concept: torch.Tensor, neighbours: torch.Tensor) -> Spread:
+    spread = Spread(len(neighbours))
+    mean = spread.add(concept, neighbours)
+    assert torch.allclose(mean, neighbours.mean(0))
+    return spread
+
+
+def test_a_concept_in_the_middle_of_its_kind_goes_to_the_neighbour_nearest_the_middle():
+    neighbours = torch.tensor([[[0.5, 0.0]], [[-1.0, 0.0]], [[0.25, 3.0]], [[0.25, -3.0]]])  # [k, L=1, d=2], mean 0
+    middle = neighbours.mean(0)
+    spread = _spread(middle + 0.05, neighbours)  # the concept sits at its neighbours' average
+    distances = (neighbours - middle).norm(dim=-1).squeeze(1)
+    assert spread.choice("auto") == spread.choice("typical") == int(distances.argmin()) == 0
+    assert spread.choice("mean") is None
+
+
+def test_a_concept_away_from_its_kind_keeps_the_neighbours_average():
+    neighbours = torch.tensor([[[1.0, 0.0]], [[-1.0, 0.0]], [[0.0, 1.0]]])
+    spread = _spread(torch.tensor([[5.0, 5.0]]), neighbours)
+    assert spread.choice("auto") is None and spread.choice("mean") is None
+    assert spread.choice("typical") is not None
+    with pytest.raises(ValueError, match="neighbour_target"):
+        spread.choice("nearest")
+
+
+def test_typical_target_maps_the_concept_onto_one_kept_neighbour(backend):
+    contexts = ("a {} on a table", "a big {} in a room")
+    keep = ("green circle", "blue triangle")
+    config = EraseConfig(concept="red square", method="contextual", contexts=contexts, keep=keep, neighbour_target="typical",
+                         steps=80, lr=1e-2, max_contexts=2, negative_guidance=0.0, lora=LoraConfig(preset="all"))
+    result = erase(backend, config)
+    chosen = next(k for k in keep if any(f"{k!r}" in note for note in result.notes))
+    with torch.no_grad():
+        frozen, neighbour = encode(backend, ["a red square on a table"]), encode(backend, [f"a {chosen} on a table"])
+        other = encode(backend, [f"a {next(k for k in keep if k != chosen)} on a table"])
+        with result.deltas.inject(backend.linear):
+            erased = encode(backend, ["a red square on a table"])
+    # the concept went towards that neighbour's own conditioning, not towards the average of both
+    assert (erased - neighbour).norm() < 0.6 * (frozen - neighbour).norm()
+    assert (erased - neighbour).norm() < (erased - other).norm()
