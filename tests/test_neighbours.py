@@ -8,27 +8,13 @@ from unlearn_core.neighbours import Spread
 from unlearn_core.tokens import encode
 
 
-def _spread(concept: torch.Tensor, neighbours: torch.Tensor) -> Spread:
-    spread = Spread(len(neighbours))
-    mean = spread.add(concept, neighbours)
-    assert torch.allclose(mean, neighbours.mean(0))
-    return spread
-
-
-def test_a_concept_in_the_middle_of_its_kind_goes_to_the_neighbour_nearest_the_middle():
+def test_the_typical_neighbour_is_the_one_nearest_the_neighbours_average():
     neighbours = torch.tensor([[[0.5, 0.0]], [[-1.0, 0.0]], [[0.25, 3.0]], [[0.25, -3.0]]])  # [k, L=1, d=2], mean 0
-    middle = neighbours.mean(0)
-    spread = _spread(middle + 0.05, neighbours)  # the concept sits at its neighbours' average
-    distances = (neighbours - middle).norm(dim=-1).squeeze(1)
-    assert spread.choice("auto") == spread.choice("typical") == int(distances.argmin()) == 0
-    assert spread.choice("mean") is None
-
-
-def test_a_concept_away_from_its_kind_keeps_the_neighbours_average():
-    neighbours = torch.tensor([[[1.0, 0.0]], [[-1.0, 0.0]], [[0.0, 1.0]]])
-    spread = _spread(torch.tensor([[5.0, 5.0]]), neighbours)
-    assert spread.choice("auto") is None and spread.choice("mean") is None
-    assert spread.choice("typical") is not None
+    spread = Spread(len(neighbours))
+    assert torch.allclose(spread.add(neighbours), torch.zeros(1, 2))
+    assert spread.choice("typical") == 0 and spread.choice("mean") is None
+    spread.add(torch.tensor([[[3.0, 0.0]], [[-0.1, 0.0]], [[0.25, 3.0]], [[0.25, -3.0]]]))  # a second context
+    assert spread.choice("typical") == 1  # distances add up over the contexts: 0.5 + 2.15 against 1 + 0.95
     with pytest.raises(ValueError, match="neighbour_target"):
         spread.choice("nearest")
 

@@ -370,9 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="contextual: push the concept's target this many times past the anchor / neighbours' "
                         "average, away from the concept (default 0: onto it; 1 chose worse on the benchmark)")
     p.add_argument("--neighbour-target", choices=TARGETS, default=None,
-                   help="contextual, no --anchor: where the concept goes in each context (mean: its --keep "
-                        "neighbours' average; typical: the neighbour nearest that average; auto: typical when the "
-                        "concept itself is central, where the average would still read as it; default: the method's)")
+                   help="contextual, no --anchor: where the concept goes in each context (typical: the --keep "
+                        "neighbour nearest the neighbours' average, the default; mean: that average, which renders "
+                        "as the concept itself when the concept is central to its kind)")
     p.add_argument("--preserve", action="append", help="a prompt whose conditioning must not change (repeatable; "
                                                         "replaces the default list)")
     p.add_argument("--preset", choices=("fewshot", "first", "final", "all"), default=None,

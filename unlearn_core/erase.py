@@ -326,19 +326,17 @@ def _contextual(backend: Backend, config: EraseConfig, images: torch.Tensor | No
     target_notes: list[str] = []
 
     def neighbour_target(index: int, share: Share) -> torch.Tensor:
-        """In each context the concept becomes its neighbours' average (what it shares with its kind), or its most
-        typical neighbour where the average would still read as the concept (``neighbours``)."""
+        """In each context the concept becomes its most typical neighbour, or its neighbours' average
+        (``neighbour_target``; see ``neighbours``)."""
         if index not in neighbour_targets:
             spread = Spread(len(share.neighbours))
-            means = torch.stack([spread.add(encoder.frozen([fill(c, p) for p in share.concept.phrases],
-                                                           remember=False).mean(0),
-                                            encoder.frozen([fill(c, k) for k in share.neighbours], remember=False))
+            means = torch.stack([spread.add(encoder.frozen([fill(c, k) for k in share.neighbours], remember=False))
                                  for c in share.contexts])
             chosen = spread.choice(config.neighbour_target)
             if chosen is not None:
                 means = encoder.frozen([fill(c, share.neighbours[chosen]) for c in share.contexts], remember=False)
                 target_notes.append(f"{share.concept.name!r} becomes its most typical neighbour "
-                                    f"{share.neighbours[chosen]!r} (neighbour_target {config.neighbour_target!r})")
+                                    f"{share.neighbours[chosen]!r}")
             neighbour_targets[index] = means
         return neighbour_targets[index]
 
