@@ -325,9 +325,10 @@ def _contextual(backend: Backend, config: EraseConfig, images: torch.Tensor | No
     neighbour_targets: dict[int, torch.Tensor] = {}  # per share: its contexts' target (one row per context)
     target_notes: list[str] = []
 
-    def neighbour_target(index: int, share: Share) -> torch.Tensor:
-        """In each context the concept becomes its most typical neighbour, or its neighbours' average
-        (``neighbour_target``; see ``neighbours``)."""
+    def neighbour_target(index: int) -> torch.Tensor:
+        """In each context of share ``index`` its concept becomes its most typical neighbour, or its neighbours'
+        average (``neighbour_target``; see ``neighbours``)."""
+        share = shares[index]
         if index not in neighbour_targets:
             spread = Spread(len(share.neighbours))
             means = torch.stack([spread.add(encoder.frozen([fill(c, k) for k in share.neighbours], remember=False))
@@ -340,19 +341,18 @@ def _contextual(backend: Backend, config: EraseConfig, images: torch.Tensor | No
             neighbour_targets[index] = means
         return neighbour_targets[index]
 
-    def anchor_conditioning(index: int, share: Share, pairs: list[tuple[str, str]], per_context: int) -> torch.Tensor:
-        if config.anchor or not share.neighbours:  # frozen only: nothing of theirs is kept for training passes
+    def anchor_conditioning(index: int, pairs: list[tuple[str, str]], per_context: int) -> torch.Tensor:
+        if config.anchor or not shares[index].neighbours:  # frozen only: nothing of theirs is kept for training passes
             return encoder.frozen([anchor for _, anchor in pairs], remember=False)
         # no anchor named, neighbours known: not the bare context, which a model may still render as the concept
-        return neighbour_target(index, share).repeat_interleave(per_context, dim=0)
+        return neighbour_target(index).repeat_interleave(per_context, dim=0)
 
     def add_subjects(index: int, subjects: list[str], tok: ConceptToken | None) -> None:
-        share = shares[index]
-        pairs = erase_pairs(share.contexts, subjects, config.anchor)
+        pairs = erase_pairs(shares[index].contexts, subjects, config.anchor)
         prompts = [prompt for prompt, _ in pairs]
         with torch.no_grad(), deltas.off():
             target_parts.append(objectives.negative_target(
-                anchor_conditioning(index, share, pairs, len(subjects)), encoder.frozen(prompts, tok),
+                anchor_conditioning(index, pairs, len(subjects)), encoder.frozen(prompts, tok),
                 config.negative_guidance))
         erase_prompts.extend(prompts)
         erase_tokens.extend([tok] * len(prompts))
