@@ -59,11 +59,14 @@ DEFAULT_MODES = ("joint", "merged")
 
 
 def concept_order(split: str, seed: int) -> list[str]:
-    """The split's concepts in one seeded order that takes the kinds in turn (each kind's concepts shuffled)."""
+    """The split's concepts in one seeded order that takes the kinds in turn (each kind's concepts shuffled); the
+    last of a kind whose every value is in the split is left out, so the rest always has a value of each kind."""
     rng = random.Random(seed)
     by_kind = {kind: [c for c in SPLITS[split] if world.CONCEPT_KINDS[c] == kind] for kind in evaluate.KINDS}
-    for concepts in by_kind.values():
+    for kind, concepts in by_kind.items():
         rng.shuffle(concepts)
+        if len(concepts) == len(evaluate.KINDS[kind]):  # a split with every value of a kind: one stays for the rest
+            concepts.pop()
     kinds = list(by_kind)
     rng.shuffle(kinds)
     depth = max(map(len, by_kind.values()))

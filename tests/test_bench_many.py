@@ -19,6 +19,13 @@ def test_concepts_are_drawn_across_kinds_nested_and_seeded_and_the_rest_names_no
         assert not set(entry["expect"].values()) & set(erased)
 
 
+def test_every_kind_keeps_a_value_for_the_rest_even_when_the_split_holds_all_of_it():
+    order = many.concept_order("all", seed=0)
+    for kind in ("shape", "colour", "style"):
+        assert sum(world.CONCEPT_KINDS[c] == kind for c in order) == sum(k == kind for k in world.CONCEPT_KINDS.values()) - 1
+    assert len(many.rest_set(order, per_set=8, seed=0)) == 8  # the longest order still leaves a rest
+
+
 @pytest.mark.skipif(not HAS_MODEL, reason="world model not committed yet")
 def test_tiny_run_reports_every_field_and_removing_a_concept_leaves_the_other_part(tmp_path):
     report = many.many(sizes=(1, 2), per_set=2, steps=2, sample_steps=3, images=2, modes=many.MODES)
