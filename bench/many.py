@@ -52,7 +52,7 @@ from unlearn_core.erase import erase
 
 from . import classifier as world_classifier
 from . import evaluate, world
-from .suite import SPLITS
+from .suite import SPLITS, code_version
 
 MODES = ("joint", "merged", "continual")
 DEFAULT_MODES = ("joint", "merged")
@@ -338,7 +338,7 @@ def main() -> None:
     if min(args.sizes) < 1:
         raise SystemExit("error: --sizes: give numbers of concepts >= 1")
     torch.set_num_threads(1)
-    start, commit = time.time(), _commit()  # the code the run started with, not what was committed meanwhile
+    start, commit = time.time(), code_version()  # the code the run started with, not what was committed meanwhile
     try:
         report = many(tuple(args.sizes), args.per_set, args.split, args.seed, tuple(args.modes), args.model,
                       args.images, args.steps, args.sample_steps,
@@ -355,12 +355,6 @@ def main() -> None:
     text = markdown(report, name)
     (out / f"{name}.md").write_text(text + "\n")
     print(text)
-
-
-def _commit() -> str | None:
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          cwd=Path(__file__).parent)
-    return done.stdout.strip() or None
 
 
 def markdown(report: dict, name: str) -> str:

@@ -139,6 +139,20 @@ def table(rows: list[dict], summary_row: dict, title: str) -> str:
     return "\n".join(lines)
 
 
+def code_version() -> str | None:
+    """The commit the code was read from, "+changes" when the engine or the bench differ from it (every run of a
+    suite imports the code as it is when it starts: a long suite started with changes, or edited meanwhile, may
+    mix versions); None outside a git checkout."""
+    here = Path(__file__).resolve().parent
+
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=here).stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD")
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", str(here.parent / "unlearn_core"), str(here))
+    return (commit + ("+changes" if changed else "")) or None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", choices=evaluate.METHODS, default="contextual")
@@ -173,6 +187,10 @@ def main() -> None:
     runs_dir = out / "runs" / name
     runs_dir.mkdir(parents=True, exist_ok=True)
     jobs = [(c, s) for c in concepts for s in args.seeds]
+    version = code_version()
+    if version and version.endswith("+changes"):
+        print("note: unlearn_core/ or bench/ has uncommitted changes; every run imports the code as it is when it "
+              "starts (run long suites from a snapshot: git worktree add)", file=sys.stderr)
     with ThreadPoolExecutor(args.jobs) as executor:
         reports = list(executor.map(lambda cs: run_one(cs[0], cs[1], args, runs_dir), jobs))
     failed = [r for r in reports if "error" in r]
@@ -182,7 +200,7 @@ def main() -> None:
     ok = [r for r in rows if "error" not in r]
     result = {"method": args.method, "split": args.split, "concepts": list(concepts), "seeds": args.seeds,
               "per_set": args.per_set, "overrides": args.set, "steps": args.steps, "from_file": args.from_file,
-              "prompt_attack": args.prompt_attack, "descriptive": args.descriptive,
+              "prompt_attack": args.prompt_attack, "descriptive": args.descriptive, "code": version,
               "rows": rows, "summary": summary(ok) if ok else None}
     (out / f"suite-{name}.json").write_text(json.dumps(result, indent=1))
     text = table(rows, result["summary"], f"{name}: {len(ok)} concepts x {len(args.seeds)} seeds, "

@@ -192,6 +192,9 @@ def test_suite_tiny_run_pools_seeds_and_writes_table(tmp_path):
     assert row["concept"] == "red" and row["seeds"] == [0, 1] and row["erased"]["n"] == 4
     assert result["summary"]["erased"]["mean"] == row["erased"]["value"]
     assert "Summary" in (tmp_path / "suite-contextual-dev.md").read_text()
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=BENCH).stdout
+    if head.strip():  # a git checkout: the report names the commit its code came from
+        assert result["code"].split("+")[0] == head.strip()
 
 
 @pytest.mark.skipif(not HAS_MODEL, reason="world model not committed yet")
