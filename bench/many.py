@@ -36,7 +36,6 @@ import argparse
 import dataclasses
 import json
 import random
-import subprocess
 import sys
 import tempfile
 import time
