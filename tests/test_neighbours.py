@@ -16,7 +16,17 @@ def test_the_typical_neighbour_is_the_one_nearest_the_neighbours_average():
     spread.add(torch.tensor([[[3.0, 0.0]], [[-0.1, 0.0]], [[0.25, 3.0]], [[0.25, -3.0]]]))  # a second context
     assert spread.choice("typical") == 1  # distances add up over the contexts: 0.5 + 2.15 against 1 + 0.95
     with pytest.raises(ValueError, match="neighbour_target"):
-        spread.choice("nearest")
+        spread.choice("farthest")
+
+
+def test_the_nearest_neighbour_is_the_one_nearest_the_concept_over_the_contexts():
+    neighbours = torch.tensor([[[0.5, 0.0]], [[-1.0, 0.0]], [[0.25, 3.0]]])  # [k, L=1, d=2]
+    spread = Spread(len(neighbours))
+    spread.add(neighbours, concept=torch.tensor([[0.0, 2.0]]))  # distances 2.06, 2.24, 1.03
+    assert spread.choice("nearest") == 2
+    spread.add(neighbours, concept=torch.tensor([[-1.0, -1.0]]))  # 1.80, 1.00, 4.27: totals 3.86, 3.24, 5.30
+    assert spread.choice("nearest") == 1
+    assert spread.choice("typical") == 0  # the average's own choice is unchanged by the concept
 
 
 def test_typical_target_maps_the_concept_onto_one_kept_neighbour(backend):

@@ -371,8 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "average, away from the concept (default 0: onto it; 1 chose worse on the benchmark)")
     p.add_argument("--neighbour-target", choices=TARGETS, default=None,
                    help="contextual, no --anchor: where the concept goes in each context (typical: the --keep "
-                        "neighbour nearest the neighbours' average, the default; mean: that average, which renders "
-                        "as the concept itself when the concept is central to its kind)")
+                        "neighbour nearest the neighbours' average, the default; nearest: the --keep neighbour "
+                        "nearest the concept; mean: that average, which renders as the concept itself when the "
+                        "concept is central to its kind)")
     p.add_argument("--preserve", action="append", help="a prompt whose conditioning must not change (repeatable; "
                                                         "replaces the default list)")
     p.add_argument("--preset", choices=("fewshot", "first", "final", "all"), default=None,

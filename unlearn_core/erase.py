@@ -330,9 +330,12 @@ def _contextual(backend: Backend, config: EraseConfig, images: torch.Tensor | No
         average (``neighbour_target``; see ``neighbours``)."""
         share = shares[index]
         if index not in neighbour_targets:
-            spread = Spread(len(share.neighbours))
-            means = torch.stack([spread.add(encoder.frozen([fill(c, k) for k in share.neighbours], remember=False))
-                                 for c in share.contexts])
+            spread, words = Spread(len(share.neighbours)), (*share.neighbours, share.concept.name)
+
+            def add(context: str) -> torch.Tensor:  # the neighbours, then the concept, in one context
+                conditioning = encoder.frozen([fill(context, w) for w in words], remember=False)
+                return spread.add(*conditioning.split([len(share.neighbours), 1]))
+            means = torch.stack([add(c) for c in share.contexts])
             chosen = spread.choice(config.neighbour_target)
             if chosen is not None:
                 means = encoder.frozen([fill(c, share.neighbours[chosen]) for c in share.contexts], remember=False)

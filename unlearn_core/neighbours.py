@@ -1,18 +1,20 @@
-"""Where a concept goes in its contexts when no anchor is named: its neighbours' average, or its most typical
-neighbour.
+"""Where a concept goes in its contexts when no anchor is named: its neighbours' average, its most typical
+neighbour, or its nearest neighbour.
 
 The average of the neighbours' conditionings is what the concept shares with its kind. But a concept near the
 middle of its kind (a colour between the others, a model's default shape or style) lies nearer that average than
 the neighbours do, and the average renders as the concept: erasing towards it changes little. The most typical
 neighbour (the one nearest the average) is a point the model renders as something else, and as close to the
-kind's middle as any neighbour. Distances are mean Euclidean distances per position of the frozen conditioning,
-averaged over the contexts.
+kind's middle as any neighbour. The nearest neighbour (the one nearest the concept itself) is the smallest move
+that renders as something else: the less the concept's conditioning travels, the less the words near it (which
+share what the edit changes) are dragged along. Distances are mean Euclidean distances per position of the frozen
+conditioning, averaged over the contexts.
 """
 from __future__ import annotations
 
 import torch
 
-TARGETS = ("typical", "mean")
+TARGETS = ("typical", "mean", "nearest")
 
 
 class Spread:
@@ -20,20 +22,30 @@ class Spread:
 
     def __init__(self, neighbours: int):
         self.distances = torch.zeros(neighbours, dtype=torch.float64)
-        self.contexts = 0
+        self.to_concept = torch.zeros(neighbours, dtype=torch.float64)
+        self.contexts = self.concepts = 0
 
-    def add(self, neighbours: torch.Tensor) -> torch.Tensor:
-        """``neighbours`` [k, L, d] in one context; returns their average [L, d] there."""
+    def add(self, neighbours: torch.Tensor, concept: torch.Tensor | None = None) -> torch.Tensor:
+        """``neighbours`` [k, L, d] in one context (and the concept [L, d] there); returns their average [L, d]."""
         mean = neighbours.float().mean(0)
-        self.distances += (neighbours.float() - mean).norm(dim=-1).mean(-1).double().cpu()
+        self.distances += _distance(neighbours, mean)
+        if concept is not None:
+            self.to_concept += _distance(neighbours, concept.float())
+            self.concepts += 1
         self.contexts += 1
         return mean
 
     def choice(self, target: str) -> int | None:
-        """The index of the neighbour to map onto ("typical": the one nearest the average), or None for the
-        average itself ("mean")."""
+        """The index of the neighbour to map onto ("typical": the one nearest the average; "nearest": the one
+        nearest the concept), or None for the average itself ("mean")."""
         if target not in TARGETS:
             raise ValueError(f"neighbour_target: must be one of {', '.join(TARGETS)}, got {target!r}")
         if target == "mean" or self.contexts == 0:
             return None
-        return int(self.distances.argmin())
+        if target == "nearest" and self.concepts < self.contexts:
+            raise ValueError("neighbour_target 'nearest' needs the concept's conditioning in every context")
+        return int((self.to_concept if target == "nearest" else self.distances).argmin())
+
+
+def _distance(points: torch.Tensor, to: torch.Tensor) -> torch.Tensor:
+    return (points.float() - to).norm(dim=-1).mean(-1).double().cpu()
