@@ -434,6 +434,7 @@ def evaluate(concept: str, method: str, n_images: int, prompt_sets: dict, model_
     report["seconds"] = round(seconds + result.seconds, 2)
     report["unet_calls"], report["unet_samples"] = calls + result.unet_calls, samples + result.unet_samples
     report["final_losses"] = result.history[-1]
+    report["notes"] = list(result.notes)  # what the erasure chose (e.g. the neighbour the concept became)
     return report, result, generated, prompt_sets
 
 

@@ -339,7 +339,7 @@ def _contextual(backend: Backend, config: EraseConfig, images: torch.Tensor | No
             chosen = spread.choice(config.neighbour_target)
             if chosen is not None:
                 means = encoder.frozen([fill(c, share.neighbours[chosen]) for c in share.contexts], remember=False)
-                target_notes.append(f"{share.concept.name!r} becomes its most typical neighbour "
+                target_notes.append(f"{share.concept.name!r} becomes its {config.neighbour_target} neighbour "
                                     f"{share.neighbours[chosen]!r}")
             neighbour_targets[index] = means
         return neighbour_targets[index]
