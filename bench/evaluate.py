@@ -371,6 +371,11 @@ def evaluate(concept: str, method: str, n_images: int, prompt_sets: dict, model_
         learned = token(f"<{concept}>", seed, ERASE_TOKEN | ({"steps": token_steps} if token_steps else {}))
         erase_token = learned.token
         seconds, calls, samples = learned.seconds, learned.unet_calls, learned.unet_samples
+    if "steps" in erase_overrides:  # --set steps=N is --steps N
+        if erase_steps is not None and erase_steps != erase_overrides["steps"]:
+            raise ValueError(f"steps: --steps {erase_steps} and --set steps={erase_overrides['steps']} disagree; "
+                             "give one")
+        erase_steps = erase_overrides.pop("steps")
     config = erase_config(method, concept, captions, erase_steps, **erase_overrides)
     if from_file and config.lora.mode == "full" and not config.lora.compress_rank:
         raise ValueError("--from-file: full-weight deltas are written as kohya .diff keys, which diffusers' loader "

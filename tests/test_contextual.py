@@ -82,7 +82,7 @@ def test_method_table_is_what_every_host_builds_from():
     assert set(METHODS) == {"contextual", "weighted", "anchor", "fewshot", "fewshot-paper"}
     default = method_config("contextual", " a cat ", steps=None, keep=("a dog",))
     assert (default.concept, default.steps, default.anchor, default.keep) == ("a cat", 200, "", ("a dog",))
-    assert default.neighbour_target == "typical" and EraseConfig(concept="a cat").neighbour_target == "mean"
+    assert default.neighbour_target == "nearest" and EraseConfig(concept="a cat").neighbour_target == "mean"
     paper = method_config("fewshot-paper", "a cat", steps=3, lr=1.0, rank=8)
     assert (paper.method, paper.steps, paper.lr, paper.lora.mode, paper.lora.compress_rank) == \
         ("fewshot", 10, 1e-5, "full", 8)

@@ -367,12 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --after: weight of the regulariser keeping the new update small (its squared size "
                         "relative to the adapted weights'; default 0.1)")
     p.add_argument("--negative-guidance", type=float, default=None,
-                   help="contextual: push the concept's target this many times past the anchor / neighbours' "
-                        "average, away from the concept (default 0: onto it; 1 chose worse on the benchmark)")
+                   help="contextual: push the concept's target this many times its distance past the anchor or "
+                        "chosen neighbour, away from the concept (default 0.5; 0: onto it)")
     p.add_argument("--neighbour-target", choices=TARGETS, default=None,
-                   help="contextual, no --anchor: where the concept goes in each context (typical: the --keep "
-                        "neighbour nearest the neighbours' average, the default; nearest: the --keep neighbour "
-                        "nearest the concept; mean: that average, which renders as the concept itself when the "
+                   help="contextual, no --anchor: where the concept goes in each context (nearest: the --keep "
+                        "neighbour nearest the concept, the default; typical: the --keep neighbour nearest the "
+                        "neighbours' average; mean: that average, which renders as the concept itself when the "
                         "concept is central to its kind)")
     p.add_argument("--preserve", action="append", help="a prompt whose conditioning must not change (repeatable; "
                                                         "replaces the default list)")

@@ -191,8 +191,8 @@ class EraseConfig:
     contexts: tuple[str, ...] = ()
     keep: tuple[str, ...] = ()
     negative_guidance: float = 1.0
-    # contextual, no anchor: where the concept goes in each context ("typical": the keep neighbour nearest the
-    # neighbours' average; "mean": that average; see neighbours.py)
+    # contextual, no anchor: where the concept goes in each context ("nearest": the keep neighbour nearest the
+    # concept; "typical": the one nearest the neighbours' average; "mean": that average; see neighbours.py)
     neighbour_target: str = "mean"
     max_contexts: int = 48
     prompt_batch: int = 32  # prompts per step of each kind (erase, keep) for the conditioning-space method

@@ -326,8 +326,8 @@ def _contextual(backend: Backend, config: EraseConfig, images: torch.Tensor | No
     target_notes: list[str] = []
 
     def neighbour_target(index: int) -> torch.Tensor:
-        """In each context of share ``index`` its concept becomes its most typical neighbour, or its neighbours'
-        average (``neighbour_target``; see ``neighbours``)."""
+        """In each context of share ``index`` its concept becomes one of its neighbours (the nearest, the most
+        typical) or their average (``neighbour_target``; see ``neighbours``)."""
         share = shares[index]
         if index not in neighbour_targets:
             spread, words = Spread(len(share.neighbours)), (*share.neighbours, share.concept.name)
