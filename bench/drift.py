@@ -9,6 +9,9 @@ harness's prompt sets
               the same under the adapter (text-encoder LoRA and key/value edit), R_t the read of the target (the
               same prompt with each neighbour in the concept's place, averaged). 1: all the way; 0: not moved.
   others, related, keep, empty   for prompts that must not change: the relative change |R' - R| / |R|.
+  others_flips, related_flips    (text encoder only) how many of those prompts moved more than half the distance
+              from their conditioning to the nearest same prompt with another value of the erased kind ("an orange
+              star" -> "a red star"): the ones likely to be drawn as something else.
 Each value is a pair (text encoder alone, the UNet's reads): the first is the same measure on the conditioning.
 A proxy for tuning (the suite's accuracies decide): it shows which part of an erasure moves the prompts it should
 keep, and by how much, with no sampling noise.
@@ -52,12 +55,26 @@ def neighbour_targets(backend, concept: str, prompts: list[str], neighbours: tup
     return torch.stack(targets)
 
 
+def half_way_flips(backend, entries: list[dict], kind: str, before: torch.Tensor, after: torch.Tensor) -> int:
+    """How many prompts moved more than half way to the nearest same prompt with another value of ``kind``."""
+    flips = 0
+    for entry, b, a in zip(entries, before, after):
+        value = entry["expect"][kind]
+        phrases = sorted((evaluate.engine_phrase(value, p) for p in world.phrasings(value)), key=len, reverse=True)
+        phrase = next(p for p in phrases if p in entry["prompt"])
+        others = [entry["prompt"].replace(phrase, evaluate.engine_phrase(v, world.phrasings(v)[0]), 1)
+                  for v in evaluate.KINDS[kind] if v != value]
+        nearest = (encode(backend, others).float() - b).flatten(1).norm(dim=1).min()
+        flips += int((a - b).norm() > 0.5 * nearest)
+    return flips
+
+
 def drift(backend, concept: str, per_set: int = 24, seed: int = 0, **overrides) -> dict:
     images, captions = evaluate.example_images(concept, 4, seed)
     config = evaluate.erase_config("contextual", concept, captions, **overrides)
     result = erase(backend, config, images)
-    sets = {name: [e["prompt"] for e in entries]
-            for name, entries in evaluate.default_prompt_sets(concept, per_set, seed).items()}
+    entries = evaluate.default_prompt_sets(concept, per_set, seed)
+    sets = {name: [e["prompt"] for e in set_entries] for name, set_entries in entries.items()}
     keep = keep_prompts(build_contexts(config.contexts, config.kind, config.max_contexts, config.seed),
                         config.keep, config.preserve)
     sets["keep"] = random.Random(seed).sample(keep, min(2 * per_set, len(keep)))
@@ -83,6 +100,9 @@ def drift(backend, concept: str, per_set: int = 24, seed: int = 0, **overrides) 
             elif name in KEPT_SETS:
                 row[name] = (round(_relative(after, before), 3),
                              round(_relative(reads(after, True), reads(before, False)), 3))
+                if name in entries:
+                    row[f"{name}_flips"] = half_way_flips(backend, entries[name], world.CONCEPT_KINDS[concept],
+                                                          before, after)
     return row
 
 
@@ -100,7 +120,8 @@ def main() -> None:
         rows.append(drift(backend, concept, args.per_set, args.seed, **evaluate.parse_overrides(args.set)))
         print(json.dumps(rows[-1]), flush=True)
     keys = [f"{s}_progress" for s in CONCEPT_SETS] + list(KEPT_SETS)
-    print("mean", json.dumps({k: [round(sum(r[k][i] for r in rows) / len(rows), 3) for i in (0, 1)] for k in keys}))
+    print("mean", json.dumps({k: [round(sum(r[k][i] for r in rows) / len(rows), 3) for i in (0, 1)] for k in keys}
+                             | {f"{s}_flips": sum(r[f"{s}_flips"] for r in rows) for s in ("others", "related")}))
 
 
 if __name__ == "__main__":

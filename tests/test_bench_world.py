@@ -201,12 +201,18 @@ def test_suite_tiny_run_pools_seeds_and_writes_table(tmp_path):
 def test_drift_is_zero_for_an_erasure_that_changes_nothing_and_moves_the_concept_first():
     from bench import drift, evaluate
     from unlearn_core.diffusers_backend import DiffusersBackend, load_pipeline
+    from unlearn_core.tokens import encode
 
     backend = DiffusersBackend(load_pipeline(evaluate.MODEL))
     # one step from a zero LoRA up-matrix at a vanishing rate, no key/value edit: the adapter adds exact zeros
     still = drift.drift(backend, "star", per_set=2, steps=1, lr=1e-30, unet_kv_edit=False)
     assert all(still[s] == (0.0, 0.0) for s in drift.KEPT_SETS)
     assert all(still[f"{s}_progress"] == (0.0, 0.0) for s in drift.CONCEPT_SETS)
+    assert still["others_flips"] == still["related_flips"] == 0
+    entries = evaluate.default_prompt_sets("red", 3, 0)["others"]  # colour prompts; another colour is near
+    before = encode(backend, [e["prompt"] for e in entries]).float()
+    assert drift.half_way_flips(backend, entries, "colour", before, before) == 0
+    assert drift.half_way_flips(backend, entries, "colour", before, 2 * before) == 3  # moved by its whole size
     moved = drift.drift(backend, "star", per_set=2, steps=5)
     assert moved["erase_progress"][1] > 0 and moved["others"][1] > 0
     assert moved["empty"][1] < moved["erase_progress"][1]  # the empty prompt is held far more than the concept moves
