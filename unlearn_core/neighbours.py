@@ -6,8 +6,9 @@ middle of its kind (a colour between the others, a model's default shape or styl
 the neighbours do, and the average renders as the concept: erasing towards it changes little. The most typical
 neighbour (the one nearest the average) is a point the model renders as something else, and as close to the
 kind's middle as any neighbour. The nearest neighbour (the one nearest the concept itself) is the smallest move
-that renders as something else: the less the concept's conditioning travels, the less the words near it (which
-share what the edit changes) are dragged along. Distances are mean Euclidean distances per position of the frozen
+to something else: the less the concept's conditioning travels, the less the words near it (which share what the
+edit changes) are dragged along. Where the model draws that neighbour much like the concept, the move is too
+short; negative guidance (``negative_target``) puts the target past it, away from the concept. Distances are mean Euclidean distances per position of the frozen
 conditioning, averaged over the contexts.
 """
 from __future__ import annotations
