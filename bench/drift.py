@@ -45,14 +45,16 @@ def _progress(after: torch.Tensor, before: torch.Tensor, target: torch.Tensor) -
                       / (before - target).flatten(1).norm(dim=1).clamp_min(1e-12)).mean())
 
 
+def replace_value(prompt: str, value: str, phrase: str) -> str:
+    """``prompt`` with its phrasing of ``value`` (the longest one it holds) replaced by ``phrase``."""
+    phrases = sorted((evaluate.engine_phrase(value, p) for p in world.phrasings(value)), key=len, reverse=True)
+    return prompt.replace(next(p for p in phrases if p in prompt), phrase, 1)
+
+
 def neighbour_targets(backend, concept: str, prompts: list[str], neighbours: tuple[str, ...]) -> torch.Tensor:
     """Each prompt's conditioning with every neighbour in the concept's place, averaged."""
-    phrases = sorted((evaluate.engine_phrase(concept, p) for p in world.phrasings(concept)), key=len, reverse=True)
-    targets = []
-    for prompt in prompts:
-        phrase = next(p for p in phrases if p in prompt)
-        targets.append(encode(backend, [prompt.replace(phrase, n, 1) for n in neighbours]).float().mean(0))
-    return torch.stack(targets)
+    return torch.stack([encode(backend, [replace_value(prompt, concept, n) for n in neighbours]).float().mean(0)
+                        for prompt in prompts])
 
 
 def half_way_flips(backend, entries: list[dict], kind: str, before: torch.Tensor, after: torch.Tensor) -> int:
@@ -60,9 +62,7 @@ def half_way_flips(backend, entries: list[dict], kind: str, before: torch.Tensor
     flips = 0
     for entry, b, a in zip(entries, before, after):
         value = entry["expect"][kind]
-        phrases = sorted((evaluate.engine_phrase(value, p) for p in world.phrasings(value)), key=len, reverse=True)
-        phrase = next(p for p in phrases if p in entry["prompt"])
-        others = [entry["prompt"].replace(phrase, evaluate.engine_phrase(v, world.phrasings(v)[0]), 1)
+        others = [replace_value(entry["prompt"], value, evaluate.engine_phrase(v, world.phrasings(v)[0]))
                   for v in evaluate.KINDS[kind] if v != value]
         nearest = (encode(backend, others).float() - b).flatten(1).norm(dim=1).min()
         flips += int((a - b).norm() > 0.5 * nearest)
