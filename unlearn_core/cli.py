@@ -368,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "relative to the adapted weights'; default 0.1)")
     p.add_argument("--negative-guidance", type=float, default=None,
                    help="contextual: push the concept's target this many times its distance past the anchor or "
-                        "chosen neighbour, away from the concept (default 0.5; 0: onto it)")
+                        "chosen neighbour, away from the concept (default "
+                        f"{METHODS['contextual'].defaults['negative_guidance']:g}; 0: onto it)")
     p.add_argument("--neighbour-target", choices=TARGETS, default=None,
                    help="contextual, no --anchor: where the concept goes in each context (nearest: the --keep "
                         "neighbour nearest the concept, the default; typical: the --keep neighbour nearest the "

@@ -27,13 +27,13 @@ class Method:
 _NO_KV = dict(unet_kv_edit=False)
 METHODS = {m.name: m for m in (
     Method("contextual", "default: the concept is mapped, inside its contexts (your captions, their cross-overs, "
-           "templates), onto its nearest neighbour there (the keep word nearest the concept), pushed half as far again "
-           "past it (negative guidance 0.5; or onto the anchor) by a LoRA on the text encoder's "
+           "templates), onto its nearest neighbour there (the keep word nearest the concept), pushed as far again "
+           "past it (negative guidance 1; or onto the anchor) by a LoRA on the text encoder's "
            "first-layer MLP; neighbours (keep list) and the empty prompt are held. "
            "Then a closed-form edit of the UNet's cross-attention keys/values (unet_kv_edit, on by default) maps the "
            "concept's text directions onto their targets. No UNet pass. Images are optional (their captions help).",
            needs_images=False, defaults=dict(steps=200, lr=1e-3, preset="first", rank=4, unet_kv_edit=True,
-                                             negative_guidance=0.5, kv_preserve_weight=10.0,
+                                             negative_guidance=1.0, kv_preserve_weight=10.0,
                                              neighbour_target="nearest")),
     Method("weighted", "seed 000's method: gradient ascent on the example images (bounded by the anchor's loss) "
            "plus the anchor term (the concept predicts what 'a photo' predicts); needs images.",
