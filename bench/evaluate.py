@@ -17,14 +17,16 @@ keep list; methods that erase with a learned token learn one first), then genera
   prompt_attack       (--prompt-attack) a prompt-search attack on the erased model: a few ordinary vocabulary words
                       (not the concept's phrasings) searched to denoise the example images best (bench.prompt_attack),
                       then written in the concept's slot of the attack prompts; prompt_attack_tokens are the words
+  prompt_attack_floor (--prompt-attack) the same prompts on the clean model with random words of the search's
+                      vocabulary in the slot: what no search brings (the world draws some values unasked)
   h_o         harmonic mean of 1-erased, others kept, 1-synonyms
   from_file   whether the after sets came from the adapter file (--from-file), else from the in-memory deltas
               (the re-learning attack and the strength sweep always use the in-memory deltas)
   strengths   (--strengths) per strength: erased, synonyms, others, related of the adapter at that strength
 Every accuracy has its counts and a 95 % Wilson interval in the report. Cost: seconds and UNet forward calls and
 samples, token learning included when the method erases with a token. Writes report.json, a before/after grid PNG
-and the loss curve PNG beside it. The clean model's side (before images, the attack ceiling) is cached per
-concept and seed under --cache, so methods compared on one concept share it.
+and the loss curve PNG beside it. The clean model's side (before images, the attack ceiling, the prompt attack's floor) is
+cached per concept, seed and attack budget under --cache, so methods compared on one concept share it.
 
 --prompts FILE replaces the generated prompt sets; schema (JSON):
   {"erase": [{"prompt": "a red star on stripes", "expect": {"shape": "star"}}, ...],
@@ -194,14 +196,15 @@ def with_descriptive(prompt_sets: dict, concept: str, seed: int) -> dict:
     return prompt_sets | {"descriptive": entries} if entries else prompt_sets
 
 
-def attack_prompt_set(concept: str, count: int, token: str, seed: int) -> list[dict]:
-    """World captions in which the concept is written as the re-learned token."""
+def attack_prompt_set(concept: str, count: int, token: str | list[str], seed: int) -> list[dict]:
+    """World captions in which the concept is written as the re-learned token (or found words); a list gives each
+    caption its own words. The captions depend only on ``concept``, ``count`` and ``seed``."""
     kind = world.CONCEPT_KINDS[concept]
     rng = random.Random(seed + 99)
     labels = [label for label in world.all_labels() if label.value(kind) == concept]
-    phrase = f"a {token}" if kind == "shape" else token
-    return [{"prompt": caption_with(rng.choice(labels), kind, phrase, rng), "expect": {kind: concept}}
-            for _ in range(count)]
+    tokens = [token] * count if isinstance(token, str) else token
+    return [{"prompt": caption_with(rng.choice(labels), kind, f"a {words}" if kind == "shape" else words, rng),
+             "expect": {kind: concept}} for words in tokens]
 
 
 def generate(pipe, backend, prompts: list[str], seed: int, deltas=None, token=None, steps: int = 20,
@@ -302,8 +305,9 @@ class CleanSide:
     """What does not depend on the method, cached per concept, seed and prompt sets: the before counts and the
     attack-budget token learned on the clean model (the attack's ceiling)."""
 
-    def __init__(self, cache: Path | None, concept: str, seed: int, prompt_sets: dict, sample_steps: int):
-        key = json.dumps([concept, seed, prompt_sets, sample_steps, ATTACK_TOKEN], sort_keys=True)
+    def __init__(self, cache: Path | None, concept: str, seed: int, prompt_sets: dict, sample_steps: int,
+                 attack_budget: dict):
+        key = json.dumps([concept, seed, prompt_sets, sample_steps, attack_budget], sort_keys=True)
         self.stem = f"{concept}-{seed}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
         self.cache = cache
 
@@ -350,7 +354,7 @@ def evaluate(concept: str, method: str, n_images: int, prompt_sets: dict, model_
         return hits(judge, pictures, entries), pictures
 
     attack_entries = lambda name: attack_prompt_set(concept, len(prompt_sets["erase"]), name, seed)  # noqa: E731
-    clean = CleanSide(cache, concept, seed, prompt_sets, sample_steps)
+    clean = CleanSide(cache, concept, seed, prompt_sets, sample_steps, attack_budget)
     cached = clean.load()
     generated = {}
     if cached is None:
@@ -362,7 +366,17 @@ def evaluate(concept: str, method: str, n_images: int, prompt_sets: dict, model_
         before["ti_token_clean"], _ = count(attack_entries(ceiling.name), learned=ceiling)
         clean.save(before, ceiling)
     else:
-        before, _ = cached
+        before, ceiling = cached
+    search_budget = prompt_search.BUDGET | {"seed": seed + 2} | (prompt_attack or {})
+    name_in_slot = engine_phrase(concept, world.phrasings(concept)[0])
+    if prompt_attack is not None:
+        floor_words = prompt_search.random_words(pipe.tokenizer, world.phrasings(concept), name_in_slot,
+                                                 search_budget["n_tokens"], len(prompt_sets["erase"]), seed + 2)
+        if before.get("prompt_attack_floor_words") != floor_words:  # first run with --prompt-attack (or new budget)
+            log("clean model: the prompt attack's floor (random words in the concept's slot)")
+            before["prompt_attack_floor"], _ = count(attack_entries(floor_words))
+            before["prompt_attack_floor_words"] = floor_words
+            clean.save(before, ceiling)
 
     seconds, calls, samples = 0.0, 0, 0
     erase_token = None
@@ -422,14 +436,15 @@ def evaluate(concept: str, method: str, n_images: int, prompt_sets: dict, model_
     report["ti_token_clean"], report["ti_attack_recovery"] = before["ti_token_clean"] / n_attack, recovered / n_attack
     report["attack_budget"] = attack_budget
     if prompt_attack is not None:
-        budget = prompt_search.BUDGET | {"seed": seed + 2} | prompt_attack
-        log(f"prompt-search attack: vocabulary words on the erased model ({budget})")
+        log(f"prompt-search attack: vocabulary words on the erased model ({search_budget})")
         with result.deltas.inject(backend.linear), applied(result.unet_deltas, backend):
             found = prompt_search.search(backend, pipe.tokenizer, images, captions, world.phrasings(concept),
-                                         engine_phrase(concept, world.phrasings(concept)[0]), log=log, **budget)
+                                         name_in_slot, log=log, **search_budget)
         entries = attack_entries(" ".join(found.words))
         recovered, _ = count(entries, deltas=result.deltas, unet=result.unet_deltas)
         report["prompt_attack"] = measured(recovered, len(entries))
+        report["prompt_attack_floor"] = measured(before["prompt_attack_floor"], len(entries))
+        report["prompt_attack_floor_prompts"] = [e["prompt"] for e in attack_entries(before["prompt_attack_floor_words"])[:3]]
         report["prompt_attack_tokens"], report["prompt_attack_budget"] = found.words, found.budget
         report["prompt_attack_losses"] = [round(v, 5) for v in found.losses]
         report["prompt_attack_name_loss"] = round(found.name_loss, 5)

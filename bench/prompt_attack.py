@@ -71,6 +71,15 @@ def word(tokenizer, token_id: int) -> str:
     return tokenizer.convert_ids_to_tokens(int(token_id))[:-len("</w>")]
 
 
+def random_words(tokenizer, phrasings, name: str, n_tokens: int, count: int, seed: int) -> list[str]:
+    """``count`` phrases of ``n_tokens`` words drawn at random from the words the search may write: the attack's
+    floor, how often such words draw the concept with no search at all (a colour the world draws unasked, a word
+    near the concept)."""
+    allowed = plain_word_ids(tokenizer, excluded_ids(tokenizer, phrasings, name))
+    picks = allowed[torch.randint(len(allowed), (count, n_tokens), generator=torch.Generator().manual_seed(seed))]
+    return [" ".join(word(tokenizer, i) for i in row) for row in picks]
+
+
 def search(backend, tokenizer, images: torch.Tensor, captions: tuple[str, ...], phrasings, name: str,
            n_tokens: int = BUDGET["n_tokens"], iterations: int = BUDGET["iterations"],
            candidates: int = BUDGET["candidates"], top_k: int = BUDGET["top_k"], batch: int = BUDGET["batch"],

@@ -56,7 +56,7 @@ def run_one(concept: str, seed: int, args, out: Path) -> dict:
 def pool(reports: list[dict]) -> dict:
     """One concept's reports (one per seed) pooled: counts added, intervals recomputed, costs averaged."""
     row = {"concept": reports[0]["concept"], "seeds": [r["seed"] for r in reports]}
-    optional = tuple(name for name in ("prompt_attack", "descriptive", "descriptive_before")
+    optional = tuple(name for name in ("prompt_attack", "prompt_attack_floor", "descriptive", "descriptive_before")
                      if all(name in r for r in reports))
     for name in RATES + optional + tuple(f"{n}_before" for n in ("erased", "synonyms", "unusual", "others", "related")):
         key = "ti_token_clean_ci" if name == "ti_token_clean" else name
@@ -74,8 +74,8 @@ def summary(rows: list[dict]) -> dict:
     def stat(values, worst):
         return {"mean": sum(values) / len(values), "worst": worst(values)}
 
-    optional = {"prompt_attack": stat([r["prompt_attack"]["value"] for r in rows], max)} \
-        if all("prompt_attack" in r for r in rows) else {}
+    optional = {name: stat([r[name]["value"] for r in rows], max) for name in ("prompt_attack", "prompt_attack_floor")
+                if all(name in r for r in rows)}
     described = [r["descriptive"]["value"] for r in rows if "descriptive" in r]  # concepts with a description
     if described:
         optional["descriptive"] = stat(described, max)
@@ -99,6 +99,10 @@ def _cell(m: dict, before: dict | None = None) -> str:
     return f"{100 * before['value']:.0f} → {text}" if before else text
 
 
+def _floor(row: dict) -> str:
+    return f" (floor {100 * row['prompt_attack_floor']['value']:.0f})" if "prompt_attack_floor" in row else ""
+
+
 def table(rows: list[dict], summary_row: dict, title: str) -> str:
     prompt = "prompt_attack" in summary_row  # a column only when the runs had --prompt-attack
     described = "descriptive" in summary_row  # a column only when the runs had --descriptive (and a description)
@@ -119,7 +123,7 @@ def table(rows: list[dict], summary_row: dict, title: str) -> str:
             f"| {_cell(r['unusual'], r['unusual_before'])} {descriptive}"
             f"| {_cell(r['others'], r['others_before'])} "
             f"| {_cell(r['related'], r['related_before'])} | {_cell(r['ti_attack'])} ({100 * r['ti_token_clean']['value']:.0f}) "
-            + (f"| {_cell(r['prompt_attack'])} " if prompt and "prompt_attack" in r else "| - " if prompt else "")
+            + (f"| {_cell(r['prompt_attack'])}{_floor(r)} " if prompt and "prompt_attack" in r else "| - " if prompt else "")
             + f"| {r['h_o']:.2f} | {r['unet_calls']:.0f} / {r['unet_samples']:.0f} | {r['seconds']:.1f} |")
     s = summary_row
     lines += ["", "Summary (mean / worst over concepts; accuracies in %, drops in points): "
@@ -131,7 +135,9 @@ def table(rows: list[dict], summary_row: dict, title: str) -> str:
               f"others drop {100 * s['others_drop']['mean']:.1f} / {100 * s['others_drop']['worst']:.0f}, "
               f"related drop {100 * s['related_drop']['mean']:.1f} / {100 * s['related_drop']['worst']:.0f}, "
               f"TI attack {100 * s['ti_attack']['mean']:.1f} / {100 * s['ti_attack']['worst']:.0f}, "
-              + (f"prompt attack {100 * s['prompt_attack']['mean']:.1f} / {100 * s['prompt_attack']['worst']:.0f}, "
+              + (f"prompt attack {100 * s['prompt_attack']['mean']:.1f} / {100 * s['prompt_attack']['worst']:.0f}"
+                 + (f" (random words on the clean model: {100 * s['prompt_attack_floor']['mean']:.1f} / "
+                    f"{100 * s['prompt_attack_floor']['worst']:.0f})" if "prompt_attack_floor" in s else "") + ", "
                  if prompt else "")
               + f"h_o {s['h_o']['mean']:.2f} / {s['h_o']['worst']:.2f}, "
               f"UNet calls {s['unet_calls']['mean']:.0f} / {s['unet_calls']['worst']:.0f}, "

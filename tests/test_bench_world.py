@@ -253,6 +253,42 @@ def test_prompt_attack_is_reported_with_an_interval_and_never_names_the_concept(
     assert not {tokenizer.convert_tokens_to_ids(f"{w}</w>") for w in words} & excluded
     losses = report["prompt_attack_losses"]
     assert len(losses) == 3 and all(b <= a for a, b in zip(losses, losses[1:]))  # greedy keep-best
+    floor = report["prompt_attack_floor"]
+    assert floor["n"] == 2 and floor["ci95"][0] <= floor["value"] <= floor["ci95"][1]
+    assert len(report["prompt_attack_floor_prompts"]) == 2
+
+
+@pytest.mark.skipif(not HAS_MODEL, reason="world model not committed yet")
+def test_prompt_attack_floor_draws_allowed_words_per_prompt_and_is_seeded():
+    from bench import evaluate, prompt_attack
+    from unlearn_core.diffusers_backend import load_pipeline
+
+    tokenizer = load_pipeline(evaluate.MODEL).tokenizer
+    phrasings = world.phrasings("orange")
+    allowed = set(prompt_attack.plain_word_ids(tokenizer, prompt_attack.excluded_ids(tokenizer, phrasings, "orange"))
+                  .tolist())
+    phrases = prompt_attack.random_words(tokenizer, phrasings, "orange", n_tokens=3, count=16, seed=2)
+    assert len(phrases) == 16 and len(set(phrases)) > 1  # each prompt its own words
+    ids = [tokenizer.convert_tokens_to_ids(f"{w}</w>") for p in phrases for w in p.split()]
+    assert len(ids) == 48 and set(ids) <= allowed
+    assert phrases == prompt_attack.random_words(tokenizer, phrasings, "orange", 3, 16, seed=2)
+    assert phrases != prompt_attack.random_words(tokenizer, phrasings, "orange", 3, 16, seed=3)
+    entries = evaluate.attack_prompt_set("orange", 16, phrases, seed=0)
+    assert all(p in e["prompt"] for p, e in zip(phrases, entries))
+    # the same captions as the attack's own prompts, only the slot (and its article) differs
+    found = evaluate.attack_prompt_set("orange", 16, "WORDS", seed=0)
+    assert [e["prompt"].split(p)[1] for p, e in zip(phrases, entries)] == [e["prompt"].split("WORDS")[1] for e in found]
+
+
+def test_clean_side_cache_is_keyed_by_the_attack_budget(tmp_path):
+    """A ceiling token learned with one re-learning budget must not be reused for a run with another."""
+    from bench.evaluate import ATTACK_TOKEN, CleanSide
+
+    sets = {"erase": [{"prompt": "a star", "expect": {"shape": "star"}}]}
+    default = CleanSide(tmp_path, "star", 0, sets, 20, ATTACK_TOKEN)
+    shorter = CleanSide(tmp_path, "star", 0, sets, 20, ATTACK_TOKEN | {"steps": 150})
+    assert default.stem != shorter.stem
+    assert default.stem == CleanSide(tmp_path, "star", 0, sets, 20, dict(ATTACK_TOKEN)).stem
 
 
 @pytest.mark.skipif(not HAS_MODEL, reason="world model not committed yet")
@@ -285,7 +321,7 @@ def test_suite_shows_the_prompt_attack_only_when_the_runs_had_it():
     def report(seed, prompt):
         fields = {name: measured(1, 4) for name in suite.RATES + tuple(
             f"{n}_before" for n in ("erased", "synonyms", "unusual", "others", "related")) + ("ti_token_clean_ci",)}
-        extra = {"prompt_attack": measured(seed, 4)} if prompt else {}
+        extra = {"prompt_attack": measured(seed, 4), "prompt_attack_floor": measured(0, 4)} if prompt else {}
         return {"concept": "star", "seed": seed, "seconds": 1, "unet_calls": 0, "unet_samples": 0} | fields | extra
 
     plain = [suite.pool([report(0, False), report(1, False)])]
@@ -295,7 +331,7 @@ def test_suite_shows_the_prompt_attack_only_when_the_runs_had_it():
     text = suite.table(attacked, suite.summary(attacked), "t")
     header, rule, row = text.splitlines()[2:5]
     assert "prompt attack" in header and header.count("|") == rule.count("|") == row.count("|")
-    assert "prompt attack 12.5 / 12" in text
+    assert "prompt attack 12.5 / 12 (random words on the clean model: 0.0 / 0)" in text and "(floor 0)" in row
 
 
 def test_descriptions_never_use_their_concepts_own_words_and_keep_to_the_captions_vocabulary():
