@@ -301,6 +301,12 @@ def erase_config(method: str, concept: str, captions: tuple[str, ...], steps: in
     return dataclasses.replace(config, **overrides) if overrides else config
 
 
+def floor_phrases(tokenizer, concept: str, count: int, seed: int, n_tokens: int = prompt_search.BUDGET["n_tokens"]):
+    """The prompt attack's floor: per attack prompt, random words from the search's vocabulary (its seed's)."""
+    return prompt_search.random_words(tokenizer, world.phrasings(concept),
+                                      engine_phrase(concept, world.phrasings(concept)[0]), n_tokens, count, seed + 2)
+
+
 class CleanSide:
     """What does not depend on the method, cached per concept, seed and prompt sets: the before counts and the
     attack-budget token learned on the clean model (the attack's ceiling)."""
@@ -370,8 +376,7 @@ def evaluate(concept: str, method: str, n_images: int, prompt_sets: dict, model_
     search_budget = prompt_search.BUDGET | {"seed": seed + 2} | (prompt_attack or {})
     name_in_slot = engine_phrase(concept, world.phrasings(concept)[0])
     if prompt_attack is not None:
-        floor_words = prompt_search.random_words(pipe.tokenizer, world.phrasings(concept), name_in_slot,
-                                                 search_budget["n_tokens"], len(prompt_sets["erase"]), seed + 2)
+        floor_words = floor_phrases(pipe.tokenizer, concept, len(prompt_sets["erase"]), seed, search_budget["n_tokens"])
         if before.get("prompt_attack_floor_words") != floor_words:  # first run with --prompt-attack (or new budget)
             log("clean model: the prompt attack's floor (random words in the concept's slot)")
             before["prompt_attack_floor"], _ = count(attack_entries(floor_words))

@@ -256,6 +256,14 @@ def test_prompt_attack_is_reported_with_an_interval_and_never_names_the_concept(
     floor = report["prompt_attack_floor"]
     assert floor["n"] == 2 and floor["ci95"][0] <= floor["value"] <= floor["ci95"][1]
     assert len(report["prompt_attack_floor_prompts"]) == 2
+    from bench import attack_floor, classifier
+    from unlearn_core.diffusers_backend import DiffusersBackend
+
+    pipe = load_pipeline(evaluate.MODEL)
+    pipe.set_progress_bar_config(disable=True)
+    alone = attack_floor.floor(pipe, DiffusersBackend(pipe), classifier.load(evaluate.CLASSIFIER), "star", 2, 0,
+                               sample_steps=TINY["sample_steps"])
+    assert alone == floor  # bench.attack_floor measures the harness's own floor
 
 
 @pytest.mark.skipif(not HAS_MODEL, reason="world model not committed yet")
