@@ -25,8 +25,8 @@ keep list; methods that erase with a learned token learn one first), then genera
   strengths   (--strengths) per strength: erased, synonyms, others, related of the adapter at that strength
 Every accuracy has its counts and a 95 % Wilson interval in the report. Cost: seconds and UNet forward calls and
 samples, token learning included when the method erases with a token. Writes report.json, a before/after grid PNG
-and the loss curve PNG beside it. The clean model's side (before images, the attack ceiling, the prompt attack's floor) is
-cached per concept, seed and attack budget under --cache, so methods compared on one concept share it.
+and the loss curve PNG beside it. The clean model's side (before images, the attack ceiling, the prompt attack's
+floor) is cached per concept, seed and attack budget under --cache, so methods compared on one concept share it.
 
 --prompts FILE replaces the generated prompt sets; schema (JSON):
   {"erase": [{"prompt": "a red star on stripes", "expect": {"shape": "star"}}, ...],
@@ -449,7 +449,8 @@ def evaluate(concept: str, method: str, n_images: int, prompt_sets: dict, model_
         recovered, _ = count(entries, deltas=result.deltas, unet=result.unet_deltas)
         report["prompt_attack"] = measured(recovered, len(entries))
         report["prompt_attack_floor"] = measured(before["prompt_attack_floor"], len(entries))
-        report["prompt_attack_floor_prompts"] = [e["prompt"] for e in attack_entries(before["prompt_attack_floor_words"])[:3]]
+        floor_entries = attack_entries(before["prompt_attack_floor_words"])
+        report["prompt_attack_floor_prompts"] = [e["prompt"] for e in floor_entries[:3]]
         report["prompt_attack_tokens"], report["prompt_attack_budget"] = found.words, found.budget
         report["prompt_attack_losses"] = [round(v, 5) for v in found.losses]
         report["prompt_attack_name_loss"] = round(found.name_loss, 5)
