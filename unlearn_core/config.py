@@ -194,6 +194,9 @@ class EraseConfig:
     # contextual, no anchor: where the concept goes in each context ("nearest": the keep neighbour nearest the
     # concept; "typical": the one nearest the neighbours' average; "mean": that average; see neighbours.py)
     neighbour_target: str = "mean"
+    # contextual: this many ordinary words (prompts.ORDINARY_WORDS, none naming the concept), and the empty slot, fill
+    # every context as more keep prompts, so the words around the concept keep what they draw (0: off)
+    unrelated_words: int = 0
     max_contexts: int = 48
     prompt_batch: int = 32  # prompts per step of each kind (erase, keep) for the conditioning-space method
     empty_weight: float = 10.0
@@ -234,6 +237,7 @@ class EraseConfig:
         _require(isinstance(self.unet_kv_edit, bool), "unet_kv_edit", f"must be true or false, got {self.unet_kv_edit!r}")
         _require(not self.unet_kv_edit or self.method in CONDITIONING_METHODS, "unet_kv_edit",
                  "is an option of the contextual method")
+        _require(self.unrelated_words >= 0, "unrelated_words", f"must be >= 0, got {self.unrelated_words}")
         _require(self.kv_preserve_weight >= 0, "kv_preserve_weight", f"must be >= 0, got {self.kv_preserve_weight}")
         _require(self.kv_ridge > 0, "kv_ridge", f"must be > 0 (it keeps the edit well-posed), got {self.kv_ridge}")
         _require(1 <= self.kv_rank <= 1024, "kv_rank", f"must be between 1 and 1024, got {self.kv_rank}")

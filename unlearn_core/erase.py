@@ -19,7 +19,7 @@ from .kv_edit import KVDeltas
 from .lora import Deltas, target_shapes
 from .neighbours import Spread
 from .prompt_cache import CACHES, PromptEncoder
-from .prompts import sample_prompts
+from .prompts import ORDINARY_WORDS, ordinary_words, sample_prompts
 from .targets import resolve_targets
 from .tokens import ConceptToken, encode
 from .train import (Callback, PassCounter, StepInfo, conflict_free_backward, grad_scaler, noisy_batch, plain_backward,
@@ -95,8 +95,20 @@ def concept_shares(config: EraseConfig) -> tuple[list[Share], list[str], list[st
     Returns them and notes to show."""
     shares = [Share(c, build_contexts(c.contexts, c.kind, config.max_contexts, config.seed), c.keep)
               for c in config.concepts]
-    keep = list(dict.fromkeys(p for s in shares for p in keep_prompts(s.contexts, s.neighbours, config.preserve)))
+    keep = list(dict.fromkeys([p for s in shares for p in keep_prompts(s.contexts, s.neighbours, config.preserve)]
+                              + unrelated_prompts(config, shares)))
     return leave_out_concepts(config, shares, keep) if config.also else (shares, keep, [])
+
+
+def unrelated_prompts(config: EraseConfig, shares: list[Share]) -> list[str]:
+    """Each share's contexts with the slot empty and with ``unrelated_words`` ordinary words in it (none that is or
+    holds a phrase of a concept), as keep prompts that are never a target: what the concept's move must not drag."""
+    if not config.unrelated_words:
+        return []
+    phrases = [p for c in config.concepts for p in c.phrases]
+    words = [w for w in ordinary_words(len(ORDINARY_WORDS), config.seed)
+             if not mentions(w, phrases) and not any(mentions(p, [w]) for p in phrases)][:config.unrelated_words]
+    return list(dict.fromkeys(fill(c, w) for s in shares for c in s.contexts for w in ["", *words]))
 
 
 def leave_out_concepts(config: EraseConfig, shares: list[Share], keep: list[str]):
