@@ -57,6 +57,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import random
 import sys
 import tempfile
@@ -328,8 +329,15 @@ class CleanSide:
         if self.cache is None:
             return
         self.cache.mkdir(parents=True, exist_ok=True)
-        save_file({"emb_params": token.vectors.contiguous()}, str(self.cache / f"{self.stem}.token.safetensors"))
-        (self.cache / f"{self.stem}.json").write_text(json.dumps(data | {"token": token.name}))
+        # each file written beside and renamed (the json last, as load looks for it): runs in parallel may share
+        # a concept's entry
+        self._publish(".token.safetensors", lambda path: save_file({"emb_params": token.vectors.contiguous()}, path))
+        self._publish(".json", lambda path: Path(path).write_text(json.dumps(data | {"token": token.name})))
+
+    def _publish(self, suffix: str, write) -> None:
+        scratch = self.cache / f"{self.stem}{suffix}.{os.getpid()}.partial"
+        write(str(scratch))
+        os.replace(scratch, self.cache / f"{self.stem}{suffix}")
 
 
 def evaluate(concept: str, method: str, n_images: int, prompt_sets: dict, model_path=MODEL,

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from bench import world
 
@@ -291,12 +292,18 @@ def test_prompt_attack_floor_draws_allowed_words_per_prompt_and_is_seeded():
 def test_clean_side_cache_is_keyed_by_the_attack_budget(tmp_path):
     """A ceiling token learned with one re-learning budget must not be reused for a run with another."""
     from bench.evaluate import ATTACK_TOKEN, CleanSide
+    from unlearn_core.tokens import ConceptToken
 
     sets = {"erase": [{"prompt": "a star", "expect": {"shape": "star"}}]}
     default = CleanSide(tmp_path, "star", 0, sets, 20, ATTACK_TOKEN)
     shorter = CleanSide(tmp_path, "star", 0, sets, 20, ATTACK_TOKEN | {"steps": 150})
     assert default.stem != shorter.stem
     assert default.stem == CleanSide(tmp_path, "star", 0, sets, 20, dict(ATTACK_TOKEN)).stem
+    assert default.load() is None
+    default.save({"erase": 1}, ConceptToken("<clean>", torch.ones(2, 4)))
+    data, token = default.load()
+    assert data["erase"] == 1 and token.name == "<clean>" and torch.equal(token.vectors, torch.ones(2, 4))
+    assert shorter.load() is None and not list(tmp_path.glob("*.partial"))  # published whole, nothing left beside
 
 
 @pytest.mark.skipif(not HAS_MODEL, reason="world model not committed yet")
