@@ -13,7 +13,7 @@ from unlearn_core.cli import main
 from unlearn_core.config import EraseConfig, LoraConfig
 from unlearn_core.continual import grown, read_earlier
 from unlearn_core.diffusers_backend import DiffusersBackend, load_pipeline
-from unlearn_core.erase import applied_earlier, concept_shares, earlier_keep, erase
+from unlearn_core.erase import applied_earlier, concept_shares, earlier_keep, erase, without_erased_targets
 from unlearn_core.tokens import encode
 
 CONTEXTS = ("a {} on a table", "a big {} in a room", "a small {} on grass")
@@ -83,6 +83,21 @@ def test_keep_targets_are_the_earlier_concepts_on_the_model_with_the_earlier_era
         erase(backend, _config("crimson square", steps=2), earlier=earlier)
     with pytest.raises(ValueError, match="contextual method"):
         erase(backend, EraseConfig(concept="blue triangle", method="anchor", steps=1), earlier=earlier)
+
+
+def test_a_concept_erased_earlier_is_kept_but_never_a_target(backend, tmp_path):
+    """Mutual nearest neighbours erased one after the other (orange, then red) would cancel: the second would go
+    to where the first erasure sent the first, next to itself."""
+    earlier = read_earlier(_earlier_file(backend, tmp_path, steps=30), backend)
+    config = _config("blue triangle", steps=2, keep=("red square", "green circle"), neighbour_target="nearest")
+    shares, _, _ = concept_shares(config)
+    trimmed, notes = without_erased_targets(shares, [earlier])
+    assert trimmed[0].neighbours == ("green circle",) and "red square" in notes[0]
+    assert without_erased_targets(shares, []) == (shares, [])
+    assert EARLIER in earlier_keep(config, [earlier], shares)  # still kept, at its erased conditioning
+    result = erase(backend, config, earlier=earlier)
+    assert any("never a target: red square" in n for n in result.notes)
+    assert any("becomes its nearest neighbour 'green circle'" in n for n in result.notes)
 
 
 def test_continual_run_keeps_the_earlier_concept_erased_and_grows_one_file(pipe, backend, tmp_path):

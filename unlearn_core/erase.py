@@ -292,6 +292,20 @@ def earlier_keep(config: EraseConfig, earlier: "Sequence[Earlier]", shares: list
     return list(dict.fromkeys(fill(c, p) for s in shares for c in s.contexts for p in phrases))
 
 
+def without_erased_targets(shares: list[Share], earlier: "Sequence[Earlier]") -> tuple[list[Share], list[str]]:
+    """Shares whose neighbours (where a concept may go) leave out the concepts erased earlier, and notes. Such a
+    neighbour is still kept (erased) by ``earlier_keep``, but as a target it would send the concept to where the
+    earlier erasure sent that neighbour, which for mutual nearest neighbours (orange, then red) is the concept
+    itself."""
+    phrases = [p for e in earlier for p in e.phrases]
+    if not phrases:
+        return shares, []
+    trimmed = [s._replace(neighbours=tuple(k for k in s.neighbours if not mentions(k, phrases))) for s in shares]
+    dropped = sorted({k for s in shares for k in s.neighbours} - {k for s in trimmed for k in s.neighbours})
+    return trimmed, ([f"neighbour(s) erased earlier kept erased, never a target: {', '.join(dropped)}"]
+                     if dropped else [])
+
+
 @contextmanager
 def applied_earlier(backend: Backend, earlier: "Sequence[Earlier]") -> Iterator[None]:
     """The earlier adapters applied for the block: their text-encoder deltas (frozen copies on the backend's device)
@@ -326,6 +340,7 @@ def _contextual(backend: Backend, config: EraseConfig, images: torch.Tensor | No
     token = ConceptToken(token.name, token.vectors.detach()) if token is not None else None
     shares, keep, joint_notes = concept_shares(config)  # several concepts: each in its own contexts
     kept_erased = earlier_keep(config, earlier, shares) if earlier else []
+    shares, targets_left_out = without_erased_targets(shares, earlier)
     keep = list(dict.fromkeys(keep + kept_erased))
     regularise = bool(earlier) and config.update_weight > 0
     erase_prompts, erase_tokens, target_parts = [], [], []
@@ -424,9 +439,11 @@ def _contextual(backend: Backend, config: EraseConfig, images: torch.Tensor | No
                      f"{len(kept_erased)} prompts of theirs kept erased"
                      + (f", update regulariser weight {config.update_weight:g}" if regularise else ""))
     contexts = {c for share in shares for c in share.contexts}
-    notes = joint + joint_notes + target_notes + encoder.notes + [f"erased in {len(contexts)} contexts ({len(erase_prompts)} prompts), kept "
-                                   f"{len(keep)} prompts and the empty one"] + (
-        [f"{config.adversarial_rounds} adversarial token(s) learned and erased"] if config.adversarial_rounds else [])
+    notes = (joint + joint_notes + targets_left_out + target_notes + encoder.notes
+             + [f"erased in {len(contexts)} contexts ({len(erase_prompts)} prompts), kept {len(keep)} prompts and "
+                "the empty one"]
+             + ([f"{config.adversarial_rounds} adversarial token(s) learned and erased"]
+                if config.adversarial_rounds else []))
     unet_deltas = kv_edit.after_erasure(backend, config, deltas, erase_prompts, erase_tokens, torch.cat(target_parts),
                                         keep, tuple(e.unet for e in earlier if e.unet is not None)
                                         ) if config.unet_kv_edit else None
