@@ -19,7 +19,7 @@ from .kv_edit import KVDeltas
 from .lora import Deltas, target_shapes
 from .neighbours import Spread
 from .prompt_cache import CACHES, PromptEncoder
-from .prompts import ORDINARY_WORDS, ordinary_words, sample_prompts
+from .prompts import ordinary_words, sample_prompts
 from .targets import resolve_targets
 from .tokens import ConceptToken, encode
 from .train import (Callback, PassCounter, StepInfo, conflict_free_backward, grad_scaler, noisy_batch, plain_backward,
@@ -106,7 +106,7 @@ def unrelated_prompts(config: EraseConfig, shares: list[Share]) -> list[str]:
     if not config.unrelated_words:
         return []
     phrases = [p for c in config.concepts for p in c.phrases]
-    words = [w for w in ordinary_words(len(ORDINARY_WORDS), config.seed)
+    words = [w for w in ordinary_words(config.seed)
              if not mentions(w, phrases) and not any(mentions(p, [w]) for p in phrases)][:config.unrelated_words]
     return list(dict.fromkeys(fill(c, w) for s in shares for c in s.contexts for w in ["", *words]))
 

@@ -8,8 +8,8 @@ neighbour (the one nearest the average) is a point the model renders as somethin
 kind's middle as any neighbour. The nearest neighbour (the one nearest the concept itself) is the smallest move
 to something else: the less the concept's conditioning travels, the less the words near it (which share what the
 edit changes) are dragged along. Where the model draws that neighbour much like the concept, the move is too
-short; negative guidance (``negative_target``) puts the target past it, away from the concept. Distances are mean Euclidean distances per position of the frozen
-conditioning, averaged over the contexts.
+short; negative guidance (``negative_target``) puts the target past it, away from the concept. Distances are mean
+Euclidean distances per position of the frozen conditioning, averaged over the contexts.
 """
 from __future__ import annotations
 

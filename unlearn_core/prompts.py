@@ -51,7 +51,7 @@ ORDINARY_WORDS = (
 )
 
 
-def ordinary_words(count: int, seed: int) -> list[str]:
-    """``count`` of ORDINARY_WORDS in a seeded order."""
+def ordinary_words(seed: int) -> list[str]:
+    """ORDINARY_WORDS in a seeded order."""
     order = torch.randperm(len(ORDINARY_WORDS), generator=torch.Generator().manual_seed(seed)).tolist()
-    return [ORDINARY_WORDS[i] for i in order[:count]]
+    return [ORDINARY_WORDS[i] for i in order]
