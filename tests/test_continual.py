@@ -13,7 +13,7 @@ from unlearn_core.cli import main
 from unlearn_core.config import EraseConfig, LoraConfig
 from unlearn_core.continual import grown, read_earlier
 from unlearn_core.diffusers_backend import DiffusersBackend, load_pipeline
-from unlearn_core.erase import applied_earlier, concept_shares, earlier_keep, erase, without_erased_targets
+from unlearn_core.erase import applied_earlier, concept_shares, continual_targets, earlier_keep, erase
 from unlearn_core.tokens import encode
 
 CONTEXTS = ("a {} on a table", "a big {} in a room", "a small {} on grass")
@@ -91,13 +91,47 @@ def test_a_concept_erased_earlier_is_kept_but_never_a_target(backend, tmp_path):
     earlier = read_earlier(_earlier_file(backend, tmp_path, steps=30), backend)
     config = _config("blue triangle", steps=2, keep=("red square", "green circle"), neighbour_target="nearest")
     shares, _, _ = concept_shares(config)
-    trimmed, notes = without_erased_targets(shares, [earlier])
-    assert trimmed[0].neighbours == ("green circle",) and "red square" in notes[0]
-    assert without_erased_targets(shares, []) == (shares, [])
+    unmoved = [torch.ones(2)]
+    trimmed, followers, notes = continual_targets(shares, [earlier], unmoved, unmoved)
+    assert trimmed[0].neighbours == ("green circle",) and followers == [()] and "red square" in notes[0]
+    assert continual_targets(shares, [], unmoved, unmoved) == (shares, [()], [])
     assert EARLIER in earlier_keep(config, [earlier], shares)  # still kept, at its erased conditioning
     result = erase(backend, config, earlier=earlier)
     assert any("never a target: red square" in n for n in result.notes)
     assert any("becomes its nearest neighbour 'green circle'" in n for n in result.notes)
+
+
+def test_a_neighbour_pulled_onto_the_concept_is_never_a_target_and_goes_with_it():
+    """Yellow erased onto orange carries "lemon" (a phrasing the engine was not told) with it: erasing orange next,
+    "lemon" must neither be orange's target nor be held where it now renders as orange."""
+    config = _config("orange", steps=2, keep=("yellow", "lemon", "green"), neighbour_target="nearest")
+    shares, _, _ = concept_shares(config)
+    earlier = type("Earlier", (), {"phrases": ("yellow",)})()
+    clean, now = [torch.tensor([1.0, 1.0, 1.0])], [torch.tensor([0.3, 0.3, 0.9])]
+    trimmed, followers, notes = continual_targets(shares, [earlier], clean, now)
+    assert trimmed[0].neighbours == ("green",)
+    assert followers == [("yellow", "lemon")]
+    assert notes == ["neighbour(s) the earlier erasures pulled onto 'orange', erased with it: yellow, lemon"]
+    _, _, notes = continual_targets(shares, [earlier], clean, [torch.tensor([1.0, 0.6, 0.9])])
+    assert notes == ["neighbour(s) erased earlier kept erased, never a target: yellow"]  # lemon: not pulled far enough
+
+
+def test_a_concept_an_earlier_erasure_sent_onto_this_one_is_erased_with_it(backend, tmp_path):
+    """Red square erased onto the blue triangle, then the blue triangle erased: the red square, which now reads as
+    the blue triangle, goes with it to the green circle instead of being held at the blue triangle."""
+    result = erase(backend, _config("red square", anchor="blue triangle"))
+    path = write_adapter(tmp_path / "red.safetensors", result.deltas, base_fingerprint(backend), result.info(),
+                         unet=result.unet_deltas)
+    earlier = read_earlier(path, backend)
+    config = _config("blue triangle", keep=("red square", "green circle"), neighbour_target="nearest")
+    result = erase(backend, config, earlier=earlier)
+    assert any("pulled onto 'blue triangle', erased with it: red square" in n for n in result.notes)
+    assert any("becomes its nearest neighbour 'green circle'" in n for n in result.notes)
+    before = _encode(backend, [EARLIER, NEW], earlier.deltas)
+    after = _encode(backend, [EARLIER, NEW], earlier.deltas, result.deltas)
+    concept_moved = _relative(after[NEW], before[NEW])
+    assert _relative(before[EARLIER], before[NEW]) < 0.5 * concept_moved  # the earlier erasure sent it there
+    assert _relative(after[EARLIER], before[NEW]) > 0.5 * concept_moved  # and it left with it
 
 
 def test_continual_run_keeps_the_earlier_concept_erased_and_grows_one_file(pipe, backend, tmp_path):

@@ -17,7 +17,7 @@ from .contexts import build_contexts, erase_pairs, fill, keep_prompts
 from .inversion import encode_latents, learn_token
 from .kv_edit import KVDeltas
 from .lora import Deltas, target_shapes
-from .neighbours import Spread
+from .neighbours import Spread, distances_to_concept, pulled_onto_concept
 from .prompt_cache import CACHES, PromptEncoder
 from .prompts import ordinary_words, sample_prompts
 from .targets import resolve_targets
@@ -292,18 +292,36 @@ def earlier_keep(config: EraseConfig, earlier: "Sequence[Earlier]", shares: list
     return list(dict.fromkeys(fill(c, p) for s in shares for c in s.contexts for p in phrases))
 
 
-def without_erased_targets(shares: list[Share], earlier: "Sequence[Earlier]") -> tuple[list[Share], list[str]]:
-    """Shares whose neighbours (where a concept may go) leave out the concepts erased earlier, and notes. Such a
-    neighbour is still kept (erased) by ``earlier_keep``, but as a target it would send the concept to where the
-    earlier erasure sent that neighbour, which for mutual nearest neighbours (orange, then red) is the concept
-    itself."""
+def continual_targets(shares: list[Share], earlier: "Sequence[Earlier]", clean: list[torch.Tensor],
+                      now: list[torch.Tensor]) -> tuple[list[Share], list[tuple[str, ...]], list[str]]:
+    """After ``earlier`` erasures: the shares with the neighbours a concept may still go to, the neighbours that
+    go with it, and notes. ``clean`` and ``now``: each share's neighbours' distances to its concept without and
+    with the earlier erasures applied.
+
+    A neighbour erased earlier by name is kept erased (``earlier_keep``) but never a target: it would send the
+    concept where the earlier erasure sent it, which for mutual nearest neighbours (red, then orange) is the concept
+    itself. A neighbour the earlier erasures pulled onto the concept (``neighbours.PULLED``: yellow sent to orange,
+    and "lemon", a phrasing of yellow the engine was not told, with it) renders as the concept: never a target,
+    and erased with the concept, onto its target."""
     phrases = [p for e in earlier for p in e.phrases]
-    if not phrases:
-        return shares, []
-    trimmed = [s._replace(neighbours=tuple(k for k in s.neighbours if not mentions(k, phrases))) for s in shares]
-    dropped = sorted({k for s in shares for k in s.neighbours} - {k for s in trimmed for k in s.neighbours})
-    return trimmed, ([f"neighbour(s) erased earlier kept erased, never a target: {', '.join(dropped)}"]
-                     if dropped else [])
+    trimmed, followers, named = [], [], set()
+    for share, before, after in zip(shares, clean, now):
+        follow = tuple(k for k, pulled in zip(share.neighbours, pulled_onto_concept(before, after)) if pulled)
+        erased = {k for k in share.neighbours if mentions(k, phrases)} - set(follow)
+        trimmed.append(share._replace(neighbours=tuple(k for k in share.neighbours
+                                                       if k not in erased and k not in follow)))
+        followers.append(follow)
+        named |= erased
+    notes = [f"neighbour(s) erased earlier kept erased, never a target: {', '.join(sorted(named))}"] if named else []
+    notes += [f"neighbour(s) the earlier erasures pulled onto {s.concept.name!r}, erased with it: {', '.join(f)}"
+              for s, f in zip(shares, followers) if f]
+    return trimmed, followers, notes
+
+
+def _neighbour_distances(encoder: PromptEncoder, shares: list[Share]) -> list[torch.Tensor]:
+    """Each share's neighbours' distances to its concept (frozen conditioning: call with new deltas off, no_grad)."""
+    return [distances_to_concept(lambda p: encoder.frozen(p, remember=False), s.contexts, s.neighbours,
+                                 s.concept.name) for s in shares]
 
 
 @contextmanager
@@ -328,19 +346,23 @@ def _erase_in_conditioning_space(backend: Backend, config: EraseConfig, images: 
     if config.adversarial_rounds and (images is None or len(images) == 0):
         raise ValueError("adversarial_rounds: the robust option learns attack tokens from the example images; "
                          "give 4-5 images, or set adversarial_rounds to 0")
+    start = time.perf_counter()
+    planned = concept_shares(config)  # several concepts: each in its own contexts
+    clean = None
+    if earlier:  # the neighbours' distances to the concept before the earlier erasures (see continual_targets)
+        with training_context(backend), torch.no_grad():
+            clean = _neighbour_distances(PromptEncoder(backend, cache=()), planned[0])
     with applied_earlier(backend, earlier):
-        return _contextual(backend, config, images, token, callback, cache, earlier)
+        return _contextual(backend, config, images, token, callback, cache, earlier, planned, clean, start)
 
 
 def _contextual(backend: Backend, config: EraseConfig, images: torch.Tensor | None, token: ConceptToken | None,
-                callback: Callback | None, cache, earlier: "Sequence[Earlier]") -> EraseResult:
-    start = time.perf_counter()
+                callback: Callback | None, cache, earlier: "Sequence[Earlier]", planned, clean, start) -> EraseResult:
     generator = torch.Generator().manual_seed(config.seed)
     deltas = _new_deltas(backend, config)
     token = ConceptToken(token.name, token.vectors.detach()) if token is not None else None
-    shares, keep, joint_notes = concept_shares(config)  # several concepts: each in its own contexts
+    shares, keep, joint_notes = planned
     kept_erased = earlier_keep(config, earlier, shares) if earlier else []
-    shares, targets_left_out = without_erased_targets(shares, earlier)
     keep = list(dict.fromkeys(keep + kept_erased))
     regularise = bool(earlier) and config.update_weight > 0
     erase_prompts, erase_tokens, target_parts = [], [], []
@@ -388,8 +410,15 @@ def _contextual(backend: Backend, config: EraseConfig, images: torch.Tensor | No
         erase_tokens.extend([tok] * len(prompts))
 
     with training_context(backend), deltas.inject(backend.linear):
+        followers, continual_notes = [()] * len(shares), []
+        if earlier:
+            with torch.no_grad(), deltas.off():
+                now = _neighbour_distances(encoder, shares)
+            shares, followers, continual_notes = continual_targets(shares, earlier, clean, now)
+            erased_with = {fill(c, k) for s, f in zip(shares, followers) for c in s.contexts for k in f}
+            keep = [p for p in keep if p not in erased_with]
         for index, share in enumerate(shares):  # each concept as a single erasure of its share would build it
-            add_subjects(index, list(share.concept.phrases), None)
+            add_subjects(index, [*share.concept.phrases, *followers[index]], None)
         if token is not None:  # the token (and the robust option's tokens) stand for the first concept
             add_subjects(0, [token.name], token)
         with torch.no_grad(), deltas.off():
@@ -439,7 +468,7 @@ def _contextual(backend: Backend, config: EraseConfig, images: torch.Tensor | No
                      f"{len(kept_erased)} prompts of theirs kept erased"
                      + (f", update regulariser weight {config.update_weight:g}" if regularise else ""))
     contexts = {c for share in shares for c in share.contexts}
-    notes = (joint + joint_notes + targets_left_out + target_notes + encoder.notes
+    notes = (joint + joint_notes + continual_notes + target_notes + encoder.notes
              + [f"erased in {len(contexts)} contexts ({len(erase_prompts)} prompts), kept {len(keep)} prompts and "
                 "the empty one"]
              + ([f"{config.adversarial_rounds} adversarial token(s) learned and erased"]

@@ -13,9 +13,17 @@ Euclidean distances per position of the frozen conditioning, averaged over the c
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
+from .contexts import fill
+
 TARGETS = ("typical", "mean", "nearest")
+# A neighbour an earlier erasure moved to under this share of its clean distance from the concept now renders
+# much as the concept does (an earlier concept sent onto this one, or a phrasing of it the earlier erasure
+# carried along): never a target, and it goes where the concept goes.
+PULLED = 0.5
 
 
 class Spread:
@@ -50,3 +58,18 @@ class Spread:
 
 def _distance(points: torch.Tensor, to: torch.Tensor) -> torch.Tensor:
     return (points.float() - to).norm(dim=-1).mean(-1).double().cpu()
+
+
+def distances_to_concept(encode: Callable[[list[str]], torch.Tensor], contexts: list[str], words: tuple[str, ...],
+                         concept: str) -> torch.Tensor:
+    """Each word's mean distance to ``concept`` over ``contexts`` (both in the slot; ``encode``: frozen prompts to
+    conditioning), as ``Spread`` measures it."""
+    spread = Spread(len(words))
+    for context in contexts:
+        spread.add(*encode([fill(context, w) for w in (*words, concept)]).split([len(words), 1]))
+    return spread.to_concept / max(spread.contexts, 1)
+
+
+def pulled_onto_concept(clean: torch.Tensor, now: torch.Tensor) -> list[bool]:
+    """Which neighbours lie nearer the concept ``now`` (earlier erasures applied) than ``PULLED`` of ``clean``."""
+    return (now < PULLED * clean).tolist()
