@@ -22,6 +22,7 @@ All are applied as read back from their file (read_adapter: text-encoder LoRA an
   erased  each concept's erase prompts (bench.evaluate.default_prompt_sets, --per-set per concept), pooled; a hit
           when the classifier reads that concept's attribute                              (want ~0)
   rest    --per-set captions of the rest's concepts only; a hit when every attribute survives  (want the clean)
+          also with only the file's text-encoder deltas and with only its UNet key/value edit (which part damages)
   remove-one  (merged, N >= 2) stacking.remove one concept (a seeded pick) from the stack: its erase prompts
           against its clean accuracy (target >= 90 % of clean), the other concepts' (still erased), the rest
 Before (clean) and after images share prompts and seeds (paired); the clean side is generated once per set.
@@ -171,6 +172,14 @@ class Bench:
                 "rest_before": evaluate.measured(rest_clean, len(rest)),
                 "rest": evaluate.measured(self.count(rest, adapter), len(rest))}
 
+    def rest_by_part(self, rest: list[dict], path: Path) -> dict:
+        """The rest with only the file's text-encoder deltas, and with only its UNet key/value edit: which part of
+        an adapter (or of a stack's summed parts) does the damage."""
+        adapter = read_adapter(path, self.backend)
+        only = {"text_encoder": dataclasses.replace(adapter, unet=None),
+                "unet_edit": dataclasses.replace(adapter, deltas=None)}
+        return {part: evaluate.measured(self.count(rest, a), len(rest)) for part, a in only.items()}
+
 
 def _same_tensors(a: stacking.StoredAdapter, b: stacking.StoredAdapter) -> bool:
     same = stacking._same_bits
@@ -262,7 +271,8 @@ def many(sizes=(1, 3, 5), per_set: int = 24, split: str = "test", seed: int = 0,
                 log(f"N={n} {mode}: generating and classifying")
                 row = base | {"mode": mode} | bench.measure(concepts, rest, rest_clean, path) | {
                     "seconds": round(seconds, 2), "merge_seconds": round(merge_seconds, 3),
-                    "bytes": path.stat().st_size, "adapter_concept": read_adapter(path).info("concept")}
+                    "bytes": path.stat().st_size, "adapter_concept": read_adapter(path).info("concept"),
+                    "rest_by_part": bench.rest_by_part(rest, path)}
                 report["rows"].append(row)
                 if mode == "merged" and n >= 2:
                     log(f"N={n}: one concept removed from the stack")
@@ -282,12 +292,15 @@ def _pct(m: dict) -> str:
 
 def table(report: dict, title: str) -> str:
     lines = [f"### {title}", "",
-             "| N | mode | concepts | erased before → after [CI] | rest before → after [CI] | s | MB |",
-             "|---|---|---|---|---|---|---|"]
+             "| N | mode | concepts | erased before → after [CI] | rest before → after [CI] "
+             "| rest, text-encoder part only / UNet edit only [CI] | s | MB |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
+        parts = r.get("rest_by_part")
+        by_part = f"{_pct(parts['text_encoder'])} / {_pct(parts['unet_edit'])}" if parts else "–"
         lines.append(f"| {r['n']} | {r['mode']} | {', '.join(r['concepts'])} "
                      f"| {100 * r['erased_before']['value']:.0f} → {_pct(r['erased'])} "
-                     f"| {100 * r['rest_before']['value']:.0f} → {_pct(r['rest'])} | {r['seconds']:.1f} "
+                     f"| {100 * r['rest_before']['value']:.0f} → {_pct(r['rest'])} | {by_part} | {r['seconds']:.1f} "
                      f"| {r['bytes'] / 1e6:.2f} |")
     if report["remove_one"]:
         lines += ["", "Remove one concept from the merged stack (`stacking.remove`):", "",
