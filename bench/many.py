@@ -235,8 +235,14 @@ def continual_steps(bench: Bench, concepts: list[str], rest: list[dict], rest_cl
 
 def many(sizes=(1, 3, 5), per_set: int = 24, split: str = "test", seed: int = 0, modes=DEFAULT_MODES,
          model=evaluate.MODEL, images: int = 4, steps: int | None = None, sample_steps: int = 20,
-         log=lambda message: None) -> dict:
-    order = concept_order(split, seed)
+         log=lambda message: None, concepts: tuple[str, ...] = ()) -> dict:
+    order = list(concepts) or concept_order(split, seed)
+    unknown = [c for c in order if c not in world.CONCEPT_KINDS]
+    if unknown or len(set(order)) < len(order):
+        raise ValueError(f"--concepts: give distinct world concepts ({', '.join(world.CONCEPT_KINDS)}); "
+                         f"got {', '.join(order)}")
+    if any(all(v in order for v in evaluate.KINDS[kind]) for kind in evaluate.KINDS):
+        raise ValueError("--concepts: leave at least one value of each kind out, for the rest")
     if max(sizes) > len(order):
         raise ValueError(f"--sizes: the {split} split has {len(order)} concepts, {max(sizes)} asked for "
                          "(--split all has every concept)")
@@ -338,6 +344,8 @@ def main() -> None:
     parser.add_argument("--per-set", type=int, default=24, help="erase prompts per concept and rest prompts (24)")
     parser.add_argument("--split", choices=tuple(SPLITS), default="test")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--concepts", nargs="+", default=(),
+                        help="the concepts in this order instead of the split's seeded order (N takes the first N)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(DEFAULT_MODES),
                         help="default joint merged; continual: one after another, reported after each step")
     parser.add_argument("--images", type=int, default=4, help="example images per concept (default 4)")
@@ -354,7 +362,7 @@ def main() -> None:
     try:
         report = many(tuple(args.sizes), args.per_set, args.split, args.seed, tuple(args.modes), args.model,
                       args.images, args.steps, args.sample_steps,
-                      log=lambda message: print(message, file=sys.stderr, flush=True))
+                      log=lambda message: print(message, file=sys.stderr, flush=True), concepts=tuple(args.concepts))
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     report["total_seconds"] = round(time.time() - start, 1)

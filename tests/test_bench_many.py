@@ -76,3 +76,14 @@ def _check_continual_steps(report):
     last = next(r for r in report["rows"] if r["mode"] == "continual" and r["n"] == 2)  # the whole sequence's row
     assert two["erased"] == last["erased"] and two["rest"] == last["rest"] and two["bytes"] == last["bytes"]
     assert "continual: after each step" in many.table(report, "tiny")
+
+
+def test_named_concepts_are_erased_in_the_order_given_and_bad_lists_are_refused():
+    report = many.many(sizes=(2,), per_set=2, steps=2, sample_steps=3, images=2, modes=("continual",),
+                       concepts=("orange", "stripes"))
+    assert report["order"] == ["orange", "stripes"] and report["rows"][0]["concepts"] == ["orange", "stripes"]
+    assert [s["concept"] for s in report["continual"]] == ["orange", "stripes"]
+    with pytest.raises(ValueError, match="distinct world concepts"):
+        many.many(sizes=(1,), concepts=("orange", "teal"))
+    with pytest.raises(ValueError, match="at least one value of each kind"):
+        many.many(sizes=(1,), concepts=tuple(evaluate.KINDS["style"]))
