@@ -4,7 +4,7 @@ import torch
 
 from unlearn_core.config import EraseConfig, LoraConfig
 from unlearn_core.erase import erase
-from unlearn_core.neighbours import Spread
+from unlearn_core.neighbours import Spread, distances_to_concept, pulled_onto_concept
 from unlearn_core.tokens import encode
 
 
@@ -17,6 +17,18 @@ def test_the_typical_neighbour_is_the_one_nearest_the_neighbours_average():
     assert spread.choice("typical") == 1  # distances add up over the contexts: 0.5 + 2.15 against 1 + 0.95
     with pytest.raises(ValueError, match="neighbour_target"):
         spread.choice("farthest")
+
+
+def test_distances_to_the_concept_are_averaged_over_the_contexts_and_a_pulled_word_is_under_half_its_clean_one(
+        backend):
+    contexts = ["a {} on a table", "a big {} in a room"]
+    with torch.no_grad():
+        d = distances_to_concept(lambda p: encode(backend, p), contexts, ("red square", "green circle"), "red square")
+        one = [distances_to_concept(lambda p: encode(backend, p), [c], ("green circle",), "red square") for c in contexts]
+    assert d[0] == 0 and d[1] > 0
+    assert torch.allclose(d[1], (one[0] + one[1]) / 2)
+    assert distances_to_concept(lambda p: encode(backend, p), contexts, (), "red square").numel() == 0
+    assert pulled_onto_concept(torch.tensor([1.0, 1.0, 1.0]), torch.tensor([0.4, 0.5, 1.2])) == [True, False, False]
 
 
 def test_the_nearest_neighbour_is_the_one_nearest_the_concept_over_the_contexts():

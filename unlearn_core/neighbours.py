@@ -65,7 +65,7 @@ def distances_to_concept(encode: Callable[[list[str]], torch.Tensor], contexts: 
     """Each word's mean distance to ``concept`` over ``contexts`` (both in the slot; ``encode``: frozen prompts to
     conditioning), as ``Spread`` measures it."""
     spread = Spread(len(words))
-    for context in contexts:
+    for context in contexts if words else ():
         spread.add(*encode([fill(context, w) for w in (*words, concept)]).split([len(words), 1]))
     return spread.to_concept / max(spread.contexts, 1)
 
