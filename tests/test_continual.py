@@ -223,3 +223,23 @@ def test_cli_erase_after_grows_the_file_and_refuses_bad_files(backend, tiny_mode
     assert main(common + ["--concept", "blue triangle", "--method", "anchor", "--after", str(earlier_path),
                           "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "contextual method" in capsys.readouterr().err
+
+
+def test_merging_parts_that_send_their_concepts_to_each_other_warns(backend, tmp_path, capsys):
+    """Orange sent to red and red to amber: merged, each edit carries the other's concept back (bench: both still
+    drawn by the stack of ten). A merge says so, and names the way out; parts with other targets merge silently."""
+    def part(concept, keep, name):
+        result = erase(backend, _config(concept, steps=2, keep=keep, neighbour_target="nearest"))
+        assert result.info()["neighbour_targets"] == {concept: keep[0]}
+        return write_adapter(tmp_path / name, result.deltas, base_fingerprint(backend), result.info(),
+                             unet=result.unet_deltas)
+    red = part("red square", ("blue triangle",), "red.safetensors")
+    blue = part("blue triangle", ("red square",), "blue.safetensors")
+    green = part("yellow star", ("green circle",), "yellow.safetensors")
+    assert main(["merge", str(red), str(blue), str(green), "--out", str(tmp_path / "stack.safetensors")]) in (0, None)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2
+    assert "red.safetensors sends 'red square' to 'blue triangle', which blue.safetensors erases" in warnings[0]
+    assert "--after FILE" in warnings[1]
+    assert main(["merge", str(red), str(green), "--out", str(tmp_path / "fine.safetensors")]) in (0, None)
+    assert "warning:" not in capsys.readouterr().err

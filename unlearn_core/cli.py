@@ -261,12 +261,15 @@ def _describe(adapter) -> str:
 
 
 def cmd_merge(args) -> None:
+    from .continual import undoing_each_other
     from .stacking import merge_files
 
     out = _check_out(args.out, args.force, ".safetensors")
     path, merged = merge_files(args.adapters, out, args.strength, overwrite=args.force,
                                allow_other_base=args.force_base)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB): {_describe(merged)}")
+    for warning in undoing_each_other(merged.parts(path.name)):
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 def cmd_remove(args) -> None:

@@ -16,6 +16,7 @@ import torch
 
 from . import adapter_io, stacking
 from .adapter_io import NAMESPACE, AdapterFileError
+from .erase import mentions
 from .kv_edit import KVDeltas
 from .lora import Deltas
 from .stacking import Part, StoredAdapter
@@ -42,6 +43,24 @@ def _json(metadata: dict[str, str], key: str):
         return json.loads(metadata.get(f"{NAMESPACE}.{key}", "null"))
     except (ValueError, RecursionError):
         return None
+
+
+def undoing_each_other(parts) -> list[str]:
+    """Warnings for the parts of one stack that can undo each other: a part that sent its concept to a neighbour
+    another part erases. Merged, each edit carries the other's concept back (on the benchmark world orange went to
+    red and red to "amber", a phrasing of orange: the stack of ten still draws both, each part alone erases its
+    own). Only targets the parts' files name are seen: "amber" is not, as orange's file does not list it."""
+    erased = [(part, erased_concepts(part.adapter, part.name)[1]) for part in parts]
+    warnings = []
+    for part, _ in erased:
+        targets = _json(part.adapter.metadata, "neighbour_targets")
+        for concept, target in (targets.items() if isinstance(targets, dict) else ()):
+            for other, phrases in erased:
+                if other is not part and isinstance(target, str) and mentions(target, phrases):
+                    warnings.append(f"{part.name} sends {concept!r} to {target!r}, which {other.name} erases: "
+                                    "merged, the two can undo each other. Erase them in one run (--concept A "
+                                    "--concept B) or one after the other (--after FILE) instead")
+    return warnings
 
 
 def erased_concepts(stored: StoredAdapter, name: str) -> tuple[list[str], list[str]]:

@@ -43,6 +43,7 @@ class EraseResult:
     notes: list[str] = field(default_factory=list)
     unet_deltas: KVDeltas | None = None  # the UNet cross-attention key/value edit (EraseConfig.unet_kv_edit)
     after: tuple[str, ...] = ()  # continual erasure: the concepts of the earlier adapters this one was made after
+    neighbour_targets: dict[str, str] = field(default_factory=dict)  # contextual: the neighbour each concept became
 
     def info(self) -> dict:
         """What the adapter file records about how it was made."""
@@ -64,6 +65,7 @@ class EraseResult:
             "seconds": round(self.seconds, 2), "unet_calls": self.unet_calls,
             "unet_samples": self.unet_samples,
         } | ({"notes": list(self.notes)} if self.notes else {}) | (
+            {"neighbour_targets": dict(self.neighbour_targets)} if self.neighbour_targets else {}) | (
             {"compression": self.compression()} if self.deltas.compression_error is not None else {})
 
     def compression(self) -> dict:
@@ -373,6 +375,7 @@ def _contextual(backend: Backend, config: EraseConfig, images: torch.Tensor | No
 
     neighbour_targets: dict[int, torch.Tensor] = {}  # per share: its contexts' target (one row per context)
     target_notes: list[str] = []
+    chosen_targets: dict[str, str] = {}
 
     def neighbour_target(index: int) -> torch.Tensor:
         """In each context of share ``index`` its concept becomes one of its neighbours (the nearest, the most
@@ -388,6 +391,7 @@ def _contextual(backend: Backend, config: EraseConfig, images: torch.Tensor | No
             chosen = spread.choice(config.neighbour_target)
             if chosen is not None:
                 means = encoder.frozen([fill(c, share.neighbours[chosen]) for c in share.contexts], remember=False)
+                chosen_targets[share.concept.name] = share.neighbours[chosen]
                 target_notes.append(f"{share.concept.name!r} becomes its {config.neighbour_target} neighbour "
                                     f"{share.neighbours[chosen]!r}")
             neighbour_targets[index] = means
@@ -477,7 +481,7 @@ def _contextual(backend: Backend, config: EraseConfig, images: torch.Tensor | No
                                         keep, tuple(e.unet for e in earlier if e.unet is not None)
                                         ) if config.unet_kv_edit else None
     result = _result(deltas, config, history, start, unet, token, notes + (unet_deltas.notes if unet_deltas else []))
-    result.unet_deltas, result.after = unet_deltas, after
+    result.unet_deltas, result.after, result.neighbour_targets = unet_deltas, after, chosen_targets
     return result
 
 
