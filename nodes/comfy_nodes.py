@@ -482,8 +482,9 @@ class StackErasureAdapters:
             parts.append(stacking.Part(stacking.load(host.full_path("loras", name)), name, strength))
         if not parts:
             raise ValueError("nothing to stack: connect erasure adapters or list files of models/loras")
-        stack = ErasureAdapter.from_stored(stacking.merge(parts, allow_other_base))
-        return _ui((stack,), kind="adapter", **stack.summary())
+        stored = stacking.merge(parts, allow_other_base)
+        stack = ErasureAdapter.from_stored(stored)
+        return _ui((stack,), kind="adapter", **stack.summary(), warnings=continual.undoing_each_other(stored.parts()))
 
 
 def _name_and_strength(line: str) -> tuple[str, float]:

@@ -253,7 +253,7 @@ def display_lines(info: dict) -> list[str]:
     """The text the front end draws under a node, one line per entry (the front end only bounds and draws it)."""
     lines = []
     for key in ("concept", "synonyms", "token", "method", "steps", "rank", "modules", "unet_modules", "strength",
-                "seconds", "seconds_per_step", "final_loss"):
+                "seconds", "seconds_per_step", "final_loss", "warnings"):
         value = info.get(key)
         if value is None or value == "" or value == []:
             continue

@@ -30,7 +30,7 @@ from unlearn_core.images import ImageInputError, prepare
 from unlearn_core.methods import ROBUST_ROUNDS, method_config
 from unlearn_core.plots import loss_curve
 from unlearn_core import kv_edit, stacking
-from unlearn_core.continual import check_config, check_earlier, grown, read_earlier
+from unlearn_core.continual import check_config, check_earlier, grown, read_earlier, undoing_each_other
 from unlearn_core.tokens import token_file_stem
 
 BACKEND = "concept_unlearn_a1111_backend"  # registered by the tab (and tests) before they load this file
@@ -414,8 +414,9 @@ def do_merge(host: Host, adapters, strengths: str = "", name: str = ""):
     path = _new_lora_path(host, stem)
     stacked = stacking.merge(stacking.parts_from_files(files, _strengths(strengths, len(files))))
     stacking.write(path, stacked, overwrite=host.overwrite)
+    warnings = "".join(f" Warning: {w}." for w in undoing_each_other(stacked.parts(path.name)))
     return (f"Saved {path.name}: {_stack_summary(stacked)}. Use <lora:{stem}:1> in a prompt (refresh the Lora tab); "
-            "Remove takes one concept out again.", str(path), None)
+            f"Remove takes one concept out again.{warnings}", str(path), None)
 
 
 @_files_only

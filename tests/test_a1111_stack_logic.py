@@ -125,3 +125,16 @@ def test_erase_after_a_bad_earlier_file_is_one_line(host, files, sd_model_factor
     message, path, _ = _erase(host, files, "blue triangle", erase_after="unlearn_foreign")
     assert message.startswith("Error: ") and "another base model" in message and not path
     assert host.state.textinfo is None  # no training step ran
+
+
+def test_merging_parts_that_undo_each_other_says_so_in_the_message(host, files):
+    from safetensors.torch import save_file
+
+    paths = {}
+    for concept in ("cat", "dog"):
+        paths[concept] = Path(logic.do_erase(host, files, concept, "", "", ANCHOR, "Last layer", 1, 2, 0)[1])
+    tensors, metadata = _tensors(paths["cat"])  # as a contextual erasure that sent "cat" to "dog" records it
+    save_file(tensors, str(paths["cat"]), {**metadata, "concept_unlearn.neighbour_targets": '{"cat": "dog"}'})
+    message = logic.do_merge(host, ["unlearn_cat", "unlearn_dog"], "", name="pets")[0]
+    assert message.startswith("Saved unlearn_pets.safetensors") and "Warning: unlearn_cat.safetensors sends 'cat' " \
+        "to 'dog', which unlearn_dog.safetensors erases: merged, the two can undo each other" in message, message

@@ -98,3 +98,15 @@ def test_file_names_with_strengths(pack):
     assert split("a/b.safetensors:0.5") == ("a/b.safetensors", 0.5)
     assert split("b.safetensors") == ("b.safetensors", 1.0)
     assert split("c:d.safetensors") == ("c:d.safetensors", 1.0)
+
+
+def test_stacking_parts_that_undo_each_other_shows_a_warning_under_the_node(pack):
+    orange = _adapter("orange", [(0, "fc1")], 2, seed=1)
+    orange.info["neighbour_targets"] = {"orange": "red"}
+    red = _adapter("red", [(0, "fc1")], 2, seed=2)
+    ui = _node(pack, "StackErasureAdapters").run("", False, adapter_1=orange, adapter_2=red)["ui"]["concept_unlearn"][0]
+    (line,) = [line for line in ui["lines"] if line.startswith("warnings:")]
+    assert "sends 'orange' to 'red', which" in line and "undo each other" in line
+    ui = _node(pack, "StackErasureAdapters").run("", False, adapter_1=red, adapter_2=_adapter("blue", [(0, "fc1")], 2,
+                                                                                            seed=3))["ui"]
+    assert not any(line.startswith("warnings:") for line in ui["concept_unlearn"][0]["lines"])
