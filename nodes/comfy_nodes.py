@@ -484,7 +484,8 @@ class StackErasureAdapters:
             raise ValueError("nothing to stack: connect erasure adapters or list files of models/loras")
         stored = stacking.merge(parts, allow_other_base)
         stack = ErasureAdapter.from_stored(stored)
-        return _ui((stack,), kind="adapter", **stack.summary(), warnings=continual.undoing_each_other(stored.parts()))
+        warnings = continual.undoing_each_other(stored.parts())
+        return _ui((stack,), kind="adapter", **stack.summary(), warnings=warnings)
 
 
 def _name_and_strength(line: str) -> tuple[str, float]:

@@ -240,6 +240,6 @@ def test_merging_parts_that_send_their_concepts_to_each_other_warns(backend, tmp
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 2
     assert "red.safetensors sends 'red square' to 'blue triangle', which blue.safetensors erases" in warnings[0]
-    assert "--after FILE" in warnings[1]
+    assert "one after the other" in warnings[1]
     assert main(["merge", str(red), str(green), "--out", str(tmp_path / "fine.safetensors")]) in (0, None)
     assert "warning:" not in capsys.readouterr().err

@@ -58,8 +58,8 @@ def undoing_each_other(parts) -> list[str]:
             for other, phrases in erased:
                 if other is not part and isinstance(target, str) and mentions(target, phrases):
                     warnings.append(f"{part.name} sends {concept!r} to {target!r}, which {other.name} erases: "
-                                    "merged, the two can undo each other. Erase them in one run (--concept A "
-                                    "--concept B) or one after the other (--after FILE) instead")
+                                    "merged, the two can undo each other. Erase them together in one run, or one "
+                                    "after the other (each run after the earlier file), instead")
     return warnings
 
 
