@@ -278,7 +278,8 @@ def many(sizes=(1, 3, 5), per_set: int = 24, split: str = "test", seed: int = 0,
                 row = base | {"mode": mode} | bench.measure(concepts, rest, rest_clean, path) | {
                     "seconds": round(seconds, 2), "merge_seconds": round(merge_seconds, 3),
                     "bytes": path.stat().st_size, "adapter_concept": read_adapter(path).info("concept"),
-                    "rest_by_part": bench.rest_by_part(rest, path)}
+                    "rest_by_part": bench.rest_by_part(rest, path),
+                    "warnings": continual.undoing_each_other(stacking.load(path).parts(path.name))}
                 report["rows"].append(row)
                 if mode == "merged" and n >= 2:
                     log(f"N={n}: one concept removed from the stack")
@@ -308,6 +309,8 @@ def table(report: dict, title: str) -> str:
                      f"| {100 * r['erased_before']['value']:.0f} → {_pct(r['erased'])} "
                      f"| {100 * r['rest_before']['value']:.0f} → {_pct(r['rest'])} | {by_part} | {r['seconds']:.1f} "
                      f"| {r['bytes'] / 1e6:.2f} |")
+    warned = [f"- N {r['n']} {r['mode']}: warning: {w}" for r in report["rows"] for w in r.get("warnings", [])]
+    lines += [""] + warned if warned else []
     if report["remove_one"]:
         lines += ["", "Remove one concept from the merged stack (`stacking.remove`):", "",
                   "| N | removed | its accuracy: clean / in stack / removed [CI] | ≥ 90 % of clean | others erased: "

@@ -39,6 +39,7 @@ def test_tiny_run_reports_every_field_and_removing_a_concept_leaves_the_other_pa
         assert list(row["per_concept"]) == row["concepts"]
         assert row["seconds"] > 0 and row["bytes"] > 0
         assert [(part, m["n"]) for part, m in row["rest_by_part"].items()] == [("text_encoder", 2), ("unet_edit", 2)]
+        assert isinstance(row["warnings"], list)
     joint_1, merged_1, continual_1 = report["rows"][:3]  # one concept: the same erasure, the same file
     assert joint_1["bytes"] == merged_1["bytes"] == continual_1["bytes"]
     assert joint_1["erased"] == merged_1["erased"] == continual_1["erased"]
