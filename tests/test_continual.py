@@ -114,6 +114,10 @@ def test_a_neighbour_pulled_onto_the_concept_is_never_a_target_and_goes_with_it(
     assert notes == ["neighbour(s) the earlier erasures pulled onto 'orange', erased with it: yellow, lemon"]
     _, _, notes = continual_targets(shares, [earlier], clean, [torch.tensor([1.0, 0.6, 0.9])])
     assert notes == ["neighbour(s) erased earlier kept erased, never a target: yellow"]  # lemon: not pulled far enough
+    between = [torch.tensor([[0.0, 0.1, 1.0, 0.6], [0.1, 0.0, 1.0, 0.6], [1.0, 1.0, 0.0, 1.0], [0.6, 0.6, 1.0, 0.0]])]
+    trimmed, _, notes = continual_targets(shares, [earlier], clean, [torch.tensor([1.0, 0.6, 0.9])], between)
+    assert trimmed[0].neighbours == ("green",)  # lemon, beside yellow, is taken for a phrasing of it
+    assert notes[1] == "neighbour(s) taken for phrasings of a concept erased earlier, never a target: lemon"
 
 
 def test_a_concept_an_earlier_erasure_sent_onto_this_one_is_erased_with_it(backend, tmp_path):

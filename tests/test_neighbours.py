@@ -4,7 +4,8 @@ import torch
 
 from unlearn_core.config import EraseConfig, LoraConfig
 from unlearn_core.erase import erase
-from unlearn_core.neighbours import Spread, distances_to_concept, pulled_onto_concept
+from unlearn_core.neighbours import (Spread, distances_to_concept, pairwise_distances, phrasings_of,
+                                    pulled_onto_concept)
 from unlearn_core.tokens import encode
 
 
@@ -56,3 +57,15 @@ def test_typical_target_maps_the_concept_onto_one_kept_neighbour(backend):
     # the concept went towards that neighbour's own conditioning, not towards the average of both
     assert (erased - neighbour).norm() < 0.6 * (frozen - neighbour).norm()
     assert (erased - neighbour).norm() < (erased - other).norm()
+
+
+def test_a_word_far_nearer_an_erased_word_than_any_other_is_taken_for_its_phrasing(backend):
+    words = ("red", "scarlet", "green", "orange")  # the last is the concept
+    distances = torch.tensor([[0.0, 0.08, 0.85, 0.47], [0.08, 0.0, 0.83, 0.49], [0.85, 0.83, 0.0, 1.13],
+                              [0.47, 0.49, 1.13, 0.0]], dtype=torch.float64)
+    assert phrasings_of(distances, [True, False, False, False]) == [False, True, False, False]
+    assert phrasings_of(distances, [False, False, False, False]) == [False] * 4  # nothing erased, nothing taken
+    with torch.no_grad():
+        measured = pairwise_distances(lambda p: encode(backend, p), ["a {} on a table", "a big {} in a room"], words)
+    assert torch.equal(measured, measured.T) and torch.all(measured.diagonal() == 0)
+    assert torch.all(measured[~torch.eye(4, dtype=torch.bool)] > 0)

@@ -17,7 +17,7 @@ from .contexts import build_contexts, erase_pairs, fill, keep_prompts
 from .inversion import encode_latents, learn_token
 from .kv_edit import KVDeltas
 from .lora import Deltas, target_shapes
-from .neighbours import Spread, distances_to_concept, pulled_onto_concept
+from .neighbours import Spread, distances_to_concept, pairwise_distances, phrasings_of, pulled_onto_concept
 from .prompt_cache import CACHES, PromptEncoder
 from .prompts import ordinary_words, sample_prompts
 from .targets import resolve_targets
@@ -295,7 +295,8 @@ def earlier_keep(config: EraseConfig, earlier: "Sequence[Earlier]", shares: list
 
 
 def continual_targets(shares: list[Share], earlier: "Sequence[Earlier]", clean: list[torch.Tensor],
-                      now: list[torch.Tensor]) -> tuple[list[Share], list[tuple[str, ...]], list[str]]:
+                      now: list[torch.Tensor], between: list[torch.Tensor] | None = None
+                      ) -> tuple[list[Share], list[tuple[str, ...]], list[str]]:
     """After ``earlier`` erasures: the shares with the neighbours a concept may still go to, the neighbours that
     go with it, and notes. ``clean`` and ``now``: each share's neighbours' distances to its concept without and
     with the earlier erasures applied.
@@ -304,17 +305,24 @@ def continual_targets(shares: list[Share], earlier: "Sequence[Earlier]", clean: 
     concept where the earlier erasure sent it, which for mutual nearest neighbours (red, then orange) is the concept
     itself. A neighbour the earlier erasures pulled onto the concept (``neighbours.PULLED``: yellow sent to orange,
     and "lemon", a phrasing of yellow the engine was not told, with it) renders as the concept: never a target,
-    and erased with the concept, onto its target."""
+    and erased with the concept, onto its target. A neighbour far nearer a concept erased earlier than any other
+    word (``between``: the clean distances among the neighbours and the concept, last; ``neighbours.PHRASING_OF``)
+    is taken for a phrasing of it that the earlier file does not name ("scarlet" beside red): kept, never a target."""
     phrases = [p for e in earlier for p in e.phrases]
-    trimmed, followers, named = [], [], set()
-    for share, before, after in zip(shares, clean, now):
+    trimmed, followers, named, untold = [], [], set(), set()
+    for index, (share, before, after) in enumerate(zip(shares, clean, now)):
         follow = tuple(k for k, pulled in zip(share.neighbours, pulled_onto_concept(before, after)) if pulled)
         erased = {k for k in share.neighbours if mentions(k, phrases)} - set(follow)
+        if between is not None:
+            marks = phrasings_of(between[index], [k in erased or k in follow for k in share.neighbours] + [False])
+            untold |= {k for k, mark in zip(share.neighbours, marks) if mark and k not in follow}
         trimmed.append(share._replace(neighbours=tuple(k for k in share.neighbours
-                                                       if k not in erased and k not in follow)))
+                                                       if k not in erased | untold and k not in follow)))
         followers.append(follow)
         named |= erased
     notes = [f"neighbour(s) erased earlier kept erased, never a target: {', '.join(sorted(named))}"] if named else []
+    notes += [f"neighbour(s) taken for phrasings of a concept erased earlier, never a target: "
+              f"{', '.join(sorted(untold))}"] if untold else []
     notes += [f"neighbour(s) the earlier erasures pulled onto {s.concept.name!r}, erased with it: {', '.join(f)}"
               for s, f in zip(shares, followers) if f]
     return trimmed, followers, notes
@@ -353,7 +361,10 @@ def _erase_in_conditioning_space(backend: Backend, config: EraseConfig, images: 
     clean = None
     if earlier:  # the neighbours' distances to the concept before the earlier erasures (see continual_targets)
         with training_context(backend), torch.no_grad():
-            clean = _neighbour_distances(PromptEncoder(backend, cache=()), planned[0])
+            encoder = PromptEncoder(backend, cache=())
+            clean = (_neighbour_distances(encoder, planned[0]),
+                     [pairwise_distances(lambda p: encoder.frozen(p, remember=False), s.contexts,
+                                         (*s.neighbours, s.concept.name)) for s in planned[0]])
     with applied_earlier(backend, earlier):
         return _contextual(backend, config, images, token, callback, cache, earlier, planned, clean, start)
 
@@ -418,7 +429,7 @@ def _contextual(backend: Backend, config: EraseConfig, images: torch.Tensor | No
         if earlier:
             with torch.no_grad(), deltas.off():
                 now = _neighbour_distances(encoder, shares)
-            shares, followers, continual_notes = continual_targets(shares, earlier, clean, now)
+            shares, followers, continual_notes = continual_targets(shares, earlier, clean[0], now, clean[1])
             erased_with = {fill(c, k) for s, f in zip(shares, followers) for c in s.contexts for k in f}
             keep = [p for p in keep if p not in erased_with]
         for index, share in enumerate(shares):  # each concept as a single erasure of its share would build it

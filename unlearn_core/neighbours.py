@@ -24,6 +24,9 @@ TARGETS = ("typical", "mean", "nearest")
 # much as the concept does (an earlier concept sent onto this one, or a phrasing of it the earlier erasure
 # carried along): never a target, and it goes where the concept goes.
 PULLED = 0.5
+# A neighbour this much nearer a concept erased earlier than any other word (the concept included) is taken for a
+# phrasing of it that the earlier file does not name ("scarlet" at 0.08 from red, 0.49 from orange): not a target.
+PHRASING_OF = 0.75
 
 
 class Spread:
@@ -73,3 +76,25 @@ def distances_to_concept(encode: Callable[[list[str]], torch.Tensor], contexts: 
 def pulled_onto_concept(clean: torch.Tensor, now: torch.Tensor) -> list[bool]:
     """Which neighbours lie nearer the concept ``now`` (earlier erasures applied) than ``PULLED`` of ``clean``."""
     return (now < PULLED * clean).tolist()
+
+
+def pairwise_distances(encode: Callable[[list[str]], torch.Tensor], contexts: list[str],
+                       words: tuple[str, ...]) -> torch.Tensor:
+    """[n, n] mean distances between the words over ``contexts`` (all in the slot), as ``Spread`` measures them."""
+    total = torch.zeros(len(words), len(words), dtype=torch.float64)
+    for context in contexts if len(words) > 1 else ():
+        points = encode([fill(context, w) for w in words]).float()
+        total += (points[:, None] - points[None]).norm(dim=-1).mean(-1).double().cpu()
+    return total / max(len(contexts), 1)
+
+
+def phrasings_of(distances: torch.Tensor, erased: list[bool]) -> list[bool]:
+    """Which words (rows of ``distances``; the last word is the concept) lie ``PHRASING_OF`` nearer an ``erased``
+    word than any word not erased."""
+    marks = []
+    for i, row in enumerate(distances):
+        near_erased = [float(row[j]) for j in range(len(row)) if j != i and erased[j]]
+        near_kept = [float(row[j]) for j in range(len(row)) if j != i and not erased[j]]
+        marks.append(not erased[i] and bool(near_erased) and bool(near_kept)
+                     and min(near_erased) < PHRASING_OF * min(near_kept))
+    return marks
