@@ -313,13 +313,15 @@ def continual_targets(shares: list[Share], earlier: "Sequence[Earlier]", clean: 
     for index, (share, before, after) in enumerate(zip(shares, clean, now)):
         follow = tuple(k for k, pulled in zip(share.neighbours, pulled_onto_concept(before, after)) if pulled)
         erased = {k for k in share.neighbours if mentions(k, phrases)} - set(follow)
+        beside = set()
         if between is not None:
             marks = phrasings_of(between[index], [k in erased or k in follow for k in share.neighbours] + [False])
-            untold |= {k for k, mark in zip(share.neighbours, marks) if mark and k not in follow}
-        trimmed.append(share._replace(neighbours=tuple(k for k in share.neighbours
-                                                       if k not in erased | untold and k not in follow)))
+            beside = {k for k, mark in zip(share.neighbours, marks) if mark}
+        left_out = erased | beside | set(follow)
+        trimmed.append(share._replace(neighbours=tuple(k for k in share.neighbours if k not in left_out)))
         followers.append(follow)
         named |= erased
+        untold |= beside
     notes = [f"neighbour(s) erased earlier kept erased, never a target: {', '.join(sorted(named))}"] if named else []
     notes += [f"neighbour(s) taken for phrasings of a concept erased earlier, never a target: "
               f"{', '.join(sorted(untold))}"] if untold else []
@@ -362,9 +364,9 @@ def _erase_in_conditioning_space(backend: Backend, config: EraseConfig, images: 
     if earlier:  # the neighbours' distances to the concept before the earlier erasures (see continual_targets)
         with training_context(backend), torch.no_grad():
             encoder = PromptEncoder(backend, cache=())
-            clean = (_neighbour_distances(encoder, planned[0]),
-                     [pairwise_distances(lambda p: encoder.frozen(p, remember=False), s.contexts,
-                                         (*s.neighbours, s.concept.name)) for s in planned[0]])
+            between = [pairwise_distances(lambda p: encoder.frozen(p, remember=False), s.contexts,
+                                          (*s.neighbours, s.concept.name)) for s in planned[0]]
+        clean = ([b[:-1, -1] for b in between], between)  # the last column: each neighbour to the concept
     with applied_earlier(backend, earlier):
         return _contextual(backend, config, images, token, callback, cache, earlier, planned, clean, start)
 

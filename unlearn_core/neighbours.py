@@ -80,11 +80,12 @@ def pulled_onto_concept(clean: torch.Tensor, now: torch.Tensor) -> list[bool]:
 
 def pairwise_distances(encode: Callable[[list[str]], torch.Tensor], contexts: list[str],
                        words: tuple[str, ...]) -> torch.Tensor:
-    """[n, n] mean distances between the words over ``contexts`` (all in the slot), as ``Spread`` measures them."""
+    """[n, n] mean distances between the words over ``contexts`` (all in the slot), as ``Spread`` measures them
+    (one row at a time: no [n, n, positions, width] tensor)."""
     total = torch.zeros(len(words), len(words), dtype=torch.float64)
     for context in contexts if len(words) > 1 else ():
         points = encode([fill(context, w) for w in words]).float()
-        total += (points[:, None] - points[None]).norm(dim=-1).mean(-1).double().cpu()
+        total += torch.stack([_distance(points, point) for point in points])
     return total / max(len(contexts), 1)
 
 
