@@ -26,7 +26,7 @@ def test_distances_to_the_concept_are_averaged_over_the_contexts_and_a_pulled_wo
     with torch.no_grad():
         d = distances_to_concept(lambda p: encode(backend, p), contexts, ("red square", "green circle"), "red square")
         one = [distances_to_concept(lambda p: encode(backend, p), [c], ("green circle",), "red square") for c in contexts]
-    assert d[0] == 0 and d[1] > 0
+    assert d[1] > 0 and d[0] <= 1e-5 * d[1]  # the same prompt twice in one batch: rows may differ by a rounding
     assert torch.allclose(d[1], (one[0] + one[1]) / 2)
     assert distances_to_concept(lambda p: encode(backend, p), contexts, (), "red square").numel() == 0
     assert pulled_onto_concept(torch.tensor([1.0, 1.0, 1.0]), torch.tensor([0.4, 0.5, 1.2])) == [True, False, False]
