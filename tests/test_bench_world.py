@@ -442,5 +442,10 @@ def test_world_check_scores_every_concept_by_its_own_attribute():
 
     scores = check_world.check(per_concept=2, steps=4)
     assert set(scores) == set(world.CONCEPT_KINDS)
-    assert all(score in (0.0, 0.5, 1.0) for score in scores.values())
-    assert sum(scores.values()) > 0, "the clean world model renders some concept even in 4 sampler steps"
+    for concept, score in scores.items():
+        kind_values = {"shape": world.SHAPES, "colour": world.COLOURS, "style": world.STYLES}[world.CONCEPT_KINDS[concept]]
+        assert score["n"] == 2 and score["value"] == score["k"] / 2
+        assert score["ci95"][0] <= score["value"] <= score["ci95"][1]
+        assert sum(score["read_as"].values()) == 2 - score["k"], "every missed image is read as something else"
+        assert concept not in score["read_as"] and set(score["read_as"]) <= set(kind_values)
+    assert sum(s["k"] for s in scores.values()) > 0, "the clean world model renders some concept even in 4 steps"
