@@ -46,7 +46,7 @@ import torch
 
 from unlearn_core import continual, stacking
 from unlearn_core.adapter_io import base_fingerprint, read_adapter, write_adapter
-from unlearn_core.config import Concept
+from unlearn_core.config import Concept, EraseConfig
 from unlearn_core.diffusers_backend import DiffusersBackend, load_pipeline
 from unlearn_core.erase import erase
 
@@ -90,13 +90,13 @@ class Bench:
     erasures made so far (by config)."""
 
     def __init__(self, model, per_set: int, seed: int, images: int, steps: int | None, sample_steps: int, folder,
-                 log=lambda message: None):
+                 log=lambda message: None, overrides: dict | None = None):
         self.pipe = load_pipeline(model)
         self.pipe.set_progress_bar_config(disable=True)
         self.backend = DiffusersBackend(self.pipe)
         self.judge = world_classifier.load(evaluate.CLASSIFIER)
         self.per_set, self.seed, self.images, self.steps, self.sample_steps = per_set, seed, images, steps, sample_steps
-        self.folder, self.log = Path(folder), log
+        self.folder, self.log, self.overrides = Path(folder), log, dict(overrides or {})
         self.examples, self.erase_sets, self.clean, self.made, self.sequence = {}, {}, {}, {}, {}
 
     def count(self, entries: list[dict], adapter=None) -> int:
@@ -117,7 +117,8 @@ class Bench:
     def config(self, concepts: list[str]):
         """The default erasure of ``concepts`` (one, or several jointly: the first with ``also`` the others, each
         with its own captions, kind and neighbours but the phrasings of the concepts erased)."""
-        singles = [evaluate.erase_config("contextual", c, self.concept(c)[1], self.steps) for c in concepts]
+        singles = [evaluate.erase_config("contextual", c, self.concept(c)[1], self.steps, **self.overrides)
+                   for c in concepts]
         if len(concepts) == 1:
             return singles[0]
         erased = {evaluate.engine_phrase(c, p) for c in concepts for p in world.phrasings(c)}
@@ -235,7 +236,8 @@ def continual_steps(bench: Bench, concepts: list[str], rest: list[dict], rest_cl
 
 def many(sizes=(1, 3, 5), per_set: int = 24, split: str = "test", seed: int = 0, modes=DEFAULT_MODES,
          model=evaluate.MODEL, images: int = 4, steps: int | None = None, sample_steps: int = 20,
-         log=lambda message: None, concepts: tuple[str, ...] = ()) -> dict:
+         log=lambda message: None, concepts: tuple[str, ...] = (), overrides: dict | None = None) -> dict:
+    """``overrides``: EraseConfig fields set on every erasure (``--set``), as in bench.suite."""
     order = list(concepts) or concept_order(split, seed)
     unknown = [c for c in order if c not in world.CONCEPT_KINDS]
     if unknown or len(set(order)) < len(order):
@@ -246,12 +248,20 @@ def many(sizes=(1, 3, 5), per_set: int = 24, split: str = "test", seed: int = 0,
     if max(sizes) > len(order):
         raise ValueError(f"--sizes: the {split} split has {len(order)} concepts, {max(sizes)} asked for "
                          "(--split all has every concept)")
+    overrides = dict(overrides or {})
+    fields = {f.name for f in dataclasses.fields(EraseConfig)}
+    if set(overrides) - fields:
+        raise ValueError(f"--set: {', '.join(sorted(set(overrides) - fields))} is not an erase setting "
+                         f"(EraseConfig has {', '.join(sorted(fields))})")
+    if steps is not None and overrides.get("steps", steps) != steps:
+        raise ValueError(f"steps: --steps {steps} and --set steps={overrides['steps']} disagree; give one")
     torch.manual_seed(seed)
     report = {"split": split, "seed": seed, "per_set": per_set, "sizes": list(sizes), "modes": list(modes),
-              "order": order, "images": images, "steps": steps, "sample_steps": sample_steps, "rows": [],
+              "order": order, "images": images, "steps": steps, "sample_steps": sample_steps,
+              "overrides": {k: (vars(v) if dataclasses.is_dataclass(v) else v) for k, v in overrides.items()}, "rows": [],
               "remove_one": [], "continual": []}
     with tempfile.TemporaryDirectory() as folder:
-        bench = Bench(model, per_set, seed, images, steps, sample_steps, folder, log)
+        bench = Bench(model, per_set, seed, images, steps, sample_steps, folder, log, overrides)
         for n in sizes:
             concepts = order[:n]
             rest = rest_set(concepts, per_set, seed + n)
@@ -354,6 +364,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=4, help="example images per concept (default 4)")
     parser.add_argument("--steps", type=int, help="erase steps (default: the method's)")
     parser.add_argument("--sample-steps", type=int, default=20, help="sampler steps per image (default 20)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                        help="an EraseConfig field for every erasure, as in bench.suite (e.g. --set preserve_weight=3)")
     parser.add_argument("--model", default=str(evaluate.MODEL), help="world model folder")
     parser.add_argument("--name", help="file name stem (default many-<split>-seed<seed>)")
     parser.add_argument("--out", default="bench/results/many", help="folder of <name>.json and <name>.md")
@@ -365,7 +377,8 @@ def main() -> None:
     try:
         report = many(tuple(args.sizes), args.per_set, args.split, args.seed, tuple(args.modes), args.model,
                       args.images, args.steps, args.sample_steps,
-                      log=lambda message: print(message, file=sys.stderr, flush=True), concepts=tuple(args.concepts))
+                      log=lambda message: print(message, file=sys.stderr, flush=True), concepts=tuple(args.concepts),
+                      overrides=evaluate.parse_overrides(args.set))
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     report["total_seconds"] = round(time.time() - start, 1)
@@ -381,10 +394,11 @@ def main() -> None:
 
 
 def markdown(report: dict, name: str) -> str:
-    return table(report, f"{name}: {report['per_set']} erase prompts per concept, {report['per_set']} rest prompts, "
-                         f"seed {report['seed']}") + (f"\n\n`{report['command']}` at {report['commit']}, "
-                                                     f"{report['total_seconds']:.0f} s" if "command" in report else "")
-
+    settings = "".join(f", {k}={v}" for k, v in report.get("overrides", {}).items())
+    title = f"{name}: {report['per_set']} erase prompts per concept, {report['per_set']} rest prompts, " \
+            f"seed {report['seed']}{settings}"
+    ran = f"\n\n`{report['command']}` at {report['commit']}, {report['total_seconds']:.0f} s" if "command" in report else ""
+    return table(report, title) + ran
 
 if __name__ == "__main__":
     main()

@@ -88,3 +88,15 @@ def test_named_concepts_are_erased_in_the_order_given_and_bad_lists_are_refused(
         many.many(sizes=(1,), concepts=("orange", "teal"))
     with pytest.raises(ValueError, match="at least one value of each kind"):
         many.many(sizes=(1,), concepts=tuple(evaluate.KINDS["style"]))
+
+
+def test_erase_settings_given_with_set_reach_every_erasure_and_bad_ones_are_refused(tmp_path):
+    bench = many.Bench(evaluate.MODEL, per_set=2, seed=0, images=2, steps=2, sample_steps=3, folder=tmp_path,
+                       overrides={"preserve_weight": 3.0})
+    assert bench.config(["orange"]).preserve_weight == 3.0
+    assert bench.config(["orange", "stripes"]).preserve_weight == 3.0, "the joint run too"
+    assert many.Bench(evaluate.MODEL, 2, 0, 2, 2, 3, tmp_path).config(["orange"]).preserve_weight != 3.0
+    with pytest.raises(ValueError, match="preserv_weight is not an erase setting"):
+        many.many(sizes=(1,), overrides={"preserv_weight": 3.0})
+    with pytest.raises(ValueError, match="disagree"):
+        many.many(sizes=(1,), steps=2, overrides={"steps": 3})
