@@ -32,6 +32,8 @@ class Earlier:
     phrases: tuple[str, ...]  # their names and synonyms: what is kept erased
     stored: StoredAdapter  # the file's contents, which the new adapter is stacked onto
     name: str  # its file name
+    # each concept's phrases and the neighbour its erasure sent it to, where its part records one ("red" -> "amber")
+    sent: tuple[tuple[tuple[str, ...], str], ...] = ()
 
 
 def _text_list(value) -> list[str]:
@@ -47,41 +49,59 @@ def _json(metadata: dict[str, str], key: str):
 
 def undoing_each_other(parts) -> list[str]:
     """Warnings for the parts of one stack that can undo each other: a part that sent its concept to a neighbour
-    another part erases. Merged, each edit carries the other's concept back (on the benchmark world orange went to
-    red and red to "amber", a phrasing of orange: the stack of ten still draws both, each part alone erases its
-    own). Only targets the parts' files name are seen: "amber" is not, as orange's file does not list it."""
-    erased = [(part, erased_concepts(part.adapter, part.name)[1]) for part in parts]
+    another part erases, unless that part was made after it (a continual run takes such a concept along: see
+    ``erase.continual_targets``). Merged, each edit carries the other's concept back (on the benchmark world
+    orange went to red and red to "amber", a phrasing of orange: the stack of ten still draws both, each part alone
+    erases its own). Only targets the parts' files name are seen: "amber" is not, as orange's file does not list
+    it."""
+    erased = [(part, erased_concepts(part.adapter, part.name)) for part in parts]
     warnings = []
-    for part, _ in erased:
-        targets = _json(part.adapter.metadata, "neighbour_targets")
-        for concept, target in (targets.items() if isinstance(targets, dict) else ()):
-            for other, phrases in erased:
-                if other is not part and isinstance(target, str) and mentions(target, phrases):
+    for part, own in erased:
+        for concept, target in _targets(part.adapter.metadata).items():
+            for other, theirs in erased:
+                made_after = concept in _text_list(_json(other.adapter.metadata, "after"))
+                if other is not part and not made_after and mentions(target, _flat(theirs)):
                     warnings.append(f"{part.name} sends {concept!r} to {target!r}, which {other.name} erases: "
                                     "merged, the two can undo each other. Erase them together in one run, or one "
                                     "after the other (each run after the earlier file), instead")
     return warnings
 
 
-def erased_concepts(stored: StoredAdapter, name: str) -> tuple[list[str], list[str]]:
-    """(names, names and synonyms) of the concepts an adapter file erases, from its (or its parts') metadata."""
-    names, phrases = [], []
+def _targets(metadata: dict[str, str]) -> dict[str, str]:
+    """The neighbour each concept of an adapter was sent to, as its metadata records it."""
+    targets = _json(metadata, "neighbour_targets")
+    return {c: t for c, t in targets.items() if isinstance(t, str) and t.strip()} if isinstance(targets, dict) else {}
+
+
+def _flat(concepts: dict[str, list[str]]) -> list[str]:
+    return list(dict.fromkeys(p for phrases in concepts.values() for p in phrases))
+
+
+def erased_concepts(stored: StoredAdapter, name: str) -> dict[str, list[str]]:
+    """The concepts an adapter file erases, each with its name and synonyms, from its (or its parts') metadata."""
+    concepts: dict[str, list[str]] = {}
     for part in stored.parts(name):
         metadata = part.adapter.metadata
         own = _json(metadata, "concept_synonyms")  # a joint erasure: each concept with its synonyms
         if isinstance(own, dict) and own:
-            for concept, synonyms in own.items():
-                if isinstance(concept, str) and concept.strip():
-                    names.append(concept)
-                    phrases += [concept, *_text_list(synonyms)]
-            continue
-        concept = metadata.get(f"{NAMESPACE}.concept", "")
-        if not concept.strip():
-            raise AdapterFileError(f"{name}: {'its part ' + part.name if stored.is_stack else 'it'} records no "
-                                   "concept, so it cannot be kept erased: erase after adapters made by this tool")
-        names.append(concept)
-        phrases += [concept, *_text_list(_json(metadata, "synonyms"))]
-    return list(dict.fromkeys(names)), list(dict.fromkeys(p.strip() for p in phrases))
+            pairs = [(c, _text_list(synonyms)) for c, synonyms in own.items() if isinstance(c, str) and c.strip()]
+        else:
+            concept = metadata.get(f"{NAMESPACE}.concept", "")
+            if not concept.strip():
+                raise AdapterFileError(f"{name}: {'its part ' + part.name if stored.is_stack else 'it'} records no "
+                                       "concept, so it cannot be kept erased: erase after adapters made by this tool")
+            pairs = [(concept, _text_list(_json(metadata, "synonyms")))]
+        for concept, synonyms in pairs:
+            words = [p.strip() for p in (concept, *synonyms) if p.strip()]
+            concepts[concept] = list(dict.fromkeys(concepts.get(concept, []) + words))
+    return concepts
+
+
+def sent_to(stored: StoredAdapter, name: str) -> tuple[tuple[tuple[str, ...], str], ...]:
+    """Each erased concept's phrases and the neighbour its part sent it to (where the part records one)."""
+    concepts = erased_concepts(stored, name)
+    return tuple((tuple(concepts.get(concept, [concept])), target)
+                 for part in stored.parts(name) for concept, target in _targets(part.adapter.metadata).items())
 
 
 def check_config(config, option: str, hint: str = "") -> None:
@@ -104,10 +124,10 @@ def read_earlier(path, backend=None) -> Earlier:
     if any(key.endswith(".diff") for key in stored.tensors):
         raise AdapterFileError(f"{name} holds full-weight deltas (.diff), which do not stack: erase it again in LoRA "
                                "mode, or with --compress-rank, to erase after it")
-    concepts, phrases = erased_concepts(stored, name)
+    concepts = erased_concepts(stored, name)
     text, unet = adapter_io.split_unet(stored.tensors)
-    earlier = Earlier(Deltas.from_kohya(text).requires_grad_(False),
-                      KVDeltas.from_kohya(unet) if unet else None, tuple(concepts), tuple(phrases), stored, name)
+    earlier = Earlier(Deltas.from_kohya(text).requires_grad_(False), KVDeltas.from_kohya(unet) if unet else None,
+                      tuple(concepts), tuple(_flat(concepts)), stored, name, sent_to(stored, name))
     if backend is not None:
         check_earlier(earlier, backend)
     return earlier

@@ -307,11 +307,15 @@ def continual_targets(shares: list[Share], earlier: "Sequence[Earlier]", clean: 
     and "lemon", a phrasing of yellow the engine was not told, with it) renders as the concept: never a target,
     and erased with the concept, onto its target. A neighbour far nearer a concept erased earlier than any other
     word (``between``: the clean distances among the neighbours and the concept, last; ``neighbours.PHRASING_OF``)
-    is taken for a phrasing of it that the earlier file does not name ("scarlet" beside red): kept, never a target."""
+    is taken for a phrasing of it that the earlier file does not name ("scarlet" beside red): kept, never a target.
+    A concept an earlier erasure sent to a phrasing of this one (its part records the neighbour: red to "tangerine",
+    then orange erased) renders as this concept where it was kept erased: it goes with the concept too."""
     phrases = [p for e in earlier for p in e.phrases]
     trimmed, followers, named, untold = [], [], set(), set()
     for index, (share, before, after) in enumerate(zip(shares, clean, now)):
         follow = tuple(k for k, pulled in zip(share.neighbours, pulled_onto_concept(before, after)) if pulled)
+        sent_here = [words for e in earlier for words, target in e.sent if mentions(target, share.concept.phrases)]
+        follow = tuple(dict.fromkeys([*follow, *(w for words in sent_here for w in words)]))
         erased = {k for k in share.neighbours if mentions(k, phrases)} - set(follow)
         beside = set()
         if between is not None:
@@ -325,8 +329,8 @@ def continual_targets(shares: list[Share], earlier: "Sequence[Earlier]", clean: 
     notes = [f"neighbour(s) erased earlier kept erased, never a target: {', '.join(sorted(named))}"] if named else []
     notes += [f"neighbour(s) taken for phrasings of a concept erased earlier, never a target: "
               f"{', '.join(sorted(untold))}"] if untold else []
-    notes += [f"neighbour(s) the earlier erasures pulled onto {s.concept.name!r}, erased with it: {', '.join(f)}"
-              for s, f in zip(shares, followers) if f]
+    notes += [f"neighbour(s) the earlier erasures pulled or sent onto {s.concept.name!r}, erased with it: "
+              f"{', '.join(f)}" for s, f in zip(shares, followers) if f]
     return trimmed, followers, notes
 
 
