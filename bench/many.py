@@ -97,6 +97,7 @@ class Bench:
         self.judge = world_classifier.load(evaluate.CLASSIFIER)
         self.per_set, self.seed, self.images, self.steps, self.sample_steps = per_set, seed, images, steps, sample_steps
         self.folder, self.log, self.overrides = Path(folder), log, dict(overrides or {})
+        self.steps = self.overrides.pop("steps", steps)  # --set steps=N is --steps N
         self.examples, self.erase_sets, self.clean, self.made, self.sequence = {}, {}, {}, {}, {}
 
     def count(self, entries: list[dict], adapter=None) -> int:

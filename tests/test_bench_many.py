@@ -96,6 +96,7 @@ def test_erase_settings_given_with_set_reach_every_erasure_and_bad_ones_are_refu
     assert bench.config(["orange"]).preserve_weight == 3.0
     assert bench.config(["orange", "stripes"]).preserve_weight == 3.0, "the joint run too"
     assert many.Bench(evaluate.MODEL, 2, 0, 2, 2, 3, tmp_path).config(["orange"]).preserve_weight != 3.0
+    assert many.Bench(evaluate.MODEL, 2, 0, 2, None, 3, tmp_path, overrides={"steps": 7}).config(["orange"]).steps == 7
     with pytest.raises(ValueError, match="preserv_weight is not an erase setting"):
         many.many(sizes=(1,), overrides={"preserv_weight": 3.0})
     with pytest.raises(ValueError, match="disagree"):

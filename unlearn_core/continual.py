@@ -56,7 +56,7 @@ def undoing_each_other(parts) -> list[str]:
     it."""
     erased = [(part, erased_concepts(part.adapter, part.name)) for part in parts]
     warnings = []
-    for part, own in erased:
+    for part, _ in erased:
         for concept, target in _targets(part.adapter.metadata).items():
             for other, theirs in erased:
                 made_after = concept in _text_list(_json(other.adapter.metadata, "after"))
