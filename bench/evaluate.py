@@ -288,6 +288,16 @@ def harmonic(values) -> float:
     return len(values) / sum(1 / v for v in values)
 
 
+def steps_setting(steps: int | None, overrides: dict) -> int | None:
+    """--set steps=N is --steps N: the erase steps given either way (``steps`` popped from ``overrides``); both,
+    differing, are refused."""
+    if "steps" in overrides:
+        if steps is not None and steps != overrides["steps"]:
+            raise ValueError(f"steps: --steps {steps} and --set steps={overrides['steps']} disagree; give one")
+        steps = overrides.pop("steps")
+    return steps
+
+
 def erase_config(method: str, concept: str, captions: tuple[str, ...], steps: int | None = None,
                  **overrides) -> EraseConfig:
     """The harness's erase settings, as a user would give them to any host (the core's method table);
@@ -398,11 +408,7 @@ def evaluate(concept: str, method: str, n_images: int, prompt_sets: dict, model_
         learned = token(f"<{concept}>", seed, ERASE_TOKEN | ({"steps": token_steps} if token_steps else {}))
         erase_token = learned.token
         seconds, calls, samples = learned.seconds, learned.unet_calls, learned.unet_samples
-    if "steps" in erase_overrides:  # --set steps=N is --steps N
-        if erase_steps is not None and erase_steps != erase_overrides["steps"]:
-            raise ValueError(f"steps: --steps {erase_steps} and --set steps={erase_overrides['steps']} disagree; "
-                             "give one")
-        erase_steps = erase_overrides.pop("steps")
+    erase_steps = steps_setting(erase_steps, erase_overrides)
     config = erase_config(method, concept, captions, erase_steps, **erase_overrides)
     if from_file and config.lora.mode == "full" and not config.lora.compress_rank:
         raise ValueError("--from-file: full-weight deltas are written as kohya .diff keys, which diffusers' loader "

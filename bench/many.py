@@ -97,7 +97,7 @@ class Bench:
         self.judge = world_classifier.load(evaluate.CLASSIFIER)
         self.per_set, self.seed, self.images, self.steps, self.sample_steps = per_set, seed, images, steps, sample_steps
         self.folder, self.log, self.overrides = Path(folder), log, dict(overrides or {})
-        self.steps = self.overrides.pop("steps", steps)  # --set steps=N is --steps N
+        self.steps = evaluate.steps_setting(steps, self.overrides)
         self.examples, self.erase_sets, self.clean, self.made, self.sequence = {}, {}, {}, {}, {}
 
     def count(self, entries: list[dict], adapter=None) -> int:
@@ -254,13 +254,11 @@ def many(sizes=(1, 3, 5), per_set: int = 24, split: str = "test", seed: int = 0,
     if set(overrides) - fields:
         raise ValueError(f"--set: {', '.join(sorted(set(overrides) - fields))} is not an erase setting "
                          f"(EraseConfig has {', '.join(sorted(fields))})")
-    if steps is not None and overrides.get("steps", steps) != steps:
-        raise ValueError(f"steps: --steps {steps} and --set steps={overrides['steps']} disagree; give one")
     torch.manual_seed(seed)
     report = {"split": split, "seed": seed, "per_set": per_set, "sizes": list(sizes), "modes": list(modes),
               "order": order, "images": images, "steps": steps, "sample_steps": sample_steps,
-              "overrides": {k: (vars(v) if dataclasses.is_dataclass(v) else v) for k, v in overrides.items()}, "rows": [],
-              "remove_one": [], "continual": []}
+              "overrides": {k: (vars(v) if dataclasses.is_dataclass(v) else v) for k, v in overrides.items()},
+              "rows": [], "remove_one": [], "continual": []}
     with tempfile.TemporaryDirectory() as folder:
         bench = Bench(model, per_set, seed, images, steps, sample_steps, folder, log, overrides)
         for n in sizes:
@@ -398,8 +396,10 @@ def markdown(report: dict, name: str) -> str:
     settings = "".join(f", {k}={v}" for k, v in report.get("overrides", {}).items())
     title = f"{name}: {report['per_set']} erase prompts per concept, {report['per_set']} rest prompts, " \
             f"seed {report['seed']}{settings}"
-    ran = f"\n\n`{report['command']}` at {report['commit']}, {report['total_seconds']:.0f} s" if "command" in report else ""
+    ran = (f"\n\n`{report['command']}` at {report['commit']}, {report['total_seconds']:.0f} s"
+           if "command" in report else "")
     return table(report, title) + ran
+
 
 if __name__ == "__main__":
     main()

@@ -97,9 +97,10 @@ def erased_concepts(stored: StoredAdapter, name: str) -> dict[str, list[str]]:
     return concepts
 
 
-def sent_to(stored: StoredAdapter, name: str) -> tuple[tuple[tuple[str, ...], str], ...]:
-    """Each erased concept's phrases and the neighbour its part sent it to (where the part records one)."""
-    concepts = erased_concepts(stored, name)
+def sent_to(stored: StoredAdapter, name: str,
+            concepts: dict[str, list[str]]) -> tuple[tuple[tuple[str, ...], str], ...]:
+    """Each erased concept's phrases (``concepts``: ``erased_concepts`` of the file) and the neighbour its part sent
+    it to (where the part records one)."""
     return tuple((tuple(concepts.get(concept, [concept])), target)
                  for part in stored.parts(name) for concept, target in _targets(part.adapter.metadata).items())
 
@@ -127,7 +128,7 @@ def read_earlier(path, backend=None) -> Earlier:
     concepts = erased_concepts(stored, name)
     text, unet = adapter_io.split_unet(stored.tensors)
     earlier = Earlier(Deltas.from_kohya(text).requires_grad_(False), KVDeltas.from_kohya(unet) if unet else None,
-                      tuple(concepts), tuple(_flat(concepts)), stored, name, sent_to(stored, name))
+                      tuple(concepts), tuple(_flat(concepts)), stored, name, sent_to(stored, name, concepts))
     if backend is not None:
         check_earlier(earlier, backend)
     return earlier
