@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import shlex
 import sys
 import time
@@ -82,6 +83,27 @@ def tune_decoder(vae, images: torch.Tensor, steps: int, log, lr: float = 3e-4) -
     return loss.item()
 
 
+def sampling_weights(labels: list[world.Label], factors: dict[str, float]) -> torch.Tensor:
+    """How often each training image is drawn: the product of the factors of the concepts its label names (1 for
+    concepts not named). Diffusion loss barely tells a hexagon from a circle at 32 px, so more steps alone do not
+    separate them; drawing the confused shapes more often does."""
+    unknown = sorted(set(factors) - set(world.CONCEPT_KINDS))
+    if unknown:
+        raise ValueError(f"unknown concept(s) {', '.join(unknown)}; known: {', '.join(world.CONCEPT_KINDS)}")
+    if any(not factor > 0 for factor in factors.values()):
+        raise ValueError(f"oversampling factors must be positive, got {factors}")
+    return torch.tensor([math.prod(factors.get(value, 1.0) for value in (label.shape, label.colour, label.style))
+                         for label in labels], dtype=torch.float64)
+
+
+def _factor(text: str) -> tuple[str, float]:
+    concept, _, factor = text.partition("=")
+    try:
+        return concept, float(factor)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected CONCEPT=FACTOR such as hexagon=3, got {text!r}") from None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="out/world_model",
@@ -99,6 +121,8 @@ def main() -> None:
     parser.add_argument("--decoder-steps", type=int, default=0,
                         help="with --init: first train the VAE's decoder alone for this many steps (the latents stay "
                              "the same); --minutes 0 then skips the diffusion training")
+    parser.add_argument("--oversample", type=_factor, action="append", default=[], metavar="CONCEPT=FACTOR",
+                        help="draw images naming CONCEPT FACTOR times as often in the diffusion training (repeatable)")
     args = parser.parse_args()
     if args.decoder_steps and not args.init:
         parser.error("--decoder-steps tunes the decoder of an existing model: give --init FOLDER")
@@ -115,6 +139,11 @@ def main() -> None:
     pixels, labels, captions = world.sample(args.images, seed=args.seed)
     images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
     log(f"{len(images)} images drawn")
+    oversample = dict(args.oversample)
+    try:
+        weights = sampling_weights(labels, oversample) if oversample else None
+    except ValueError as error:
+        parser.error(str(error))
 
     if args.init:
         from diffusers import AutoencoderKL
@@ -159,7 +188,10 @@ def main() -> None:
         for group in optimizer.param_groups:
             group["lr"] = args.lr * (1 - (1 - args.final_lr_fraction) * progress)
         size = args.batch_size
-        index = torch.randint(0, len(latents), (size,), generator=generator)
+        if weights is None:
+            index = torch.randint(0, len(latents), (size,), generator=generator)
+        else:
+            index = torch.multinomial(weights, size, replacement=True, generator=generator)
         x0 = latents[index]
         batch_ids = ids[index].clone()
         drop = torch.rand(size, generator=generator) < 0.1
@@ -191,6 +223,7 @@ def main() -> None:
         "seed": args.seed, "images": args.images, "vae_steps": args.vae_steps, "diffusion_steps": step,
         "minutes": round((time.time() - start) / 60, 1), "final_vae_loss": round(vae_loss, 5),
         "final_diffusion_loss_last200": round(float(np.mean(losses[-200:])), 5) if losses else None,
+        **({"oversample": oversample} if oversample else {}),
         **({"decoder_steps": args.decoder_steps, "final_decoder_loss": round(decoder_loss, 5)} if args.decoder_steps else {}),
         "config": {"text_encoder": TEXT, "unet": UNET, "vae": VAE, "vae_scaling_factor": scaling},
         "continued_from": previous,

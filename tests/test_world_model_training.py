@@ -24,3 +24,23 @@ def test_tuning_the_decoder_lowers_its_error_and_leaves_the_latents_as_they_were
     assert torch.equal(latents_before, latents_after), "the encoder (what the UNet learnt to model) is untouched"
     assert error_after < 0.5 * error_before
     assert not any(p.requires_grad for p in vae.parameters())
+
+
+def test_oversampling_draws_the_named_concepts_that_many_times_as_often():
+    labels = [world.Label("hexagon", "red", "plain"), world.Label("circle", "red", "plain"),
+              world.Label("hexagon", "blue", "plain"), world.Label("square", "green", "sketch")]
+    weights = train_world_model.sampling_weights(labels, {"hexagon": 3.0, "red": 2.0})
+    assert weights.tolist() == [6.0, 2.0, 3.0, 1.0]
+    draws = torch.multinomial(weights, 20000, replacement=True, generator=torch.Generator().manual_seed(0))
+    share = torch.bincount(draws, minlength=4).double() / len(draws)
+    assert torch.allclose(share, weights / weights.sum(), atol=0.02)
+
+
+def test_oversampling_refuses_unknown_concepts_and_non_positive_factors():
+    import pytest
+
+    labels = [world.Label("hexagon", "red", "plain")]
+    with pytest.raises(ValueError, match="unknown concept"):
+        train_world_model.sampling_weights(labels, {"heptagon": 2.0})
+    with pytest.raises(ValueError, match="positive"):
+        train_world_model.sampling_weights(labels, {"hexagon": 0.0})
