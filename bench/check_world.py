@@ -50,9 +50,10 @@ def main() -> None:
     parser.add_argument("--model", default=str(evaluate.MODEL))
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20, as the harness)")
     parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance (default 4, as the harness)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest beside other jobs)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     scores = check(args.model, args.per_concept, steps=args.steps, guidance=args.guidance)
     for concept, score in scores.items():
         low, high = score["ci95"]

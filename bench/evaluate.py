@@ -318,13 +318,24 @@ def floor_phrases(tokenizer, concept: str, count: int, seed: int, n_tokens: int 
                                       engine_phrase(concept, world.phrasings(concept)[0]), n_tokens, count, seed + 2)
 
 
+def files_digest(*paths) -> str:
+    """sha256 over the bytes of every file at or under ``paths`` (a model folder, a classifier file), in a fixed
+    order: what the clean side was measured on."""
+    digest = hashlib.sha256()
+    for root in map(Path, paths):
+        for path in sorted(p for p in ([root] if root.is_file() else root.rglob("*")) if p.is_file()):
+            digest.update(str(path.relative_to(root) if path != root else path.name).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 class CleanSide:
-    """What does not depend on the method, cached per concept, seed and prompt sets: the before counts and the
-    attack-budget token learned on the clean model (the attack's ceiling)."""
+    """What does not depend on the method, cached per concept, seed, prompt sets, model and classifier: the before
+    counts and the attack-budget token learned on the clean model (the attack's ceiling)."""
 
     def __init__(self, cache: Path | None, concept: str, seed: int, prompt_sets: dict, sample_steps: int,
-                 attack_budget: dict):
-        key = json.dumps([concept, seed, prompt_sets, sample_steps, attack_budget], sort_keys=True)
+                 attack_budget: dict, models: str = ""):
+        key = json.dumps([concept, seed, prompt_sets, sample_steps, attack_budget, models], sort_keys=True)
         self.stem = f"{concept}-{seed}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
         self.cache = cache
 
@@ -378,7 +389,8 @@ def evaluate(concept: str, method: str, n_images: int, prompt_sets: dict, model_
         return hits(judge, pictures, entries), pictures
 
     attack_entries = lambda name: attack_prompt_set(concept, len(prompt_sets["erase"]), name, seed)  # noqa: E731
-    clean = CleanSide(cache, concept, seed, prompt_sets, sample_steps, attack_budget)
+    clean = CleanSide(cache, concept, seed, prompt_sets, sample_steps, attack_budget,
+                      files_digest(model_path, classifier_path) if cache else "")
     cached = clean.load()
     generated = {}
     if cached is None:

@@ -449,3 +449,22 @@ def test_world_check_scores_every_concept_by_its_own_attribute():
         assert sum(score["read_as"].values()) == 2 - score["k"], "every missed image is read as something else"
         assert concept not in score["read_as"] and set(score["read_as"]) <= set(kind_values)
     assert sum(s["k"] for s in scores.values()) > 0, "the clean world model renders some concept even in 4 steps"
+
+
+def test_the_clean_side_cache_is_keyed_on_the_model_and_classifier_bytes(tmp_path):
+    """A retrained world model (or classifier) must not reuse the clean counts measured on the previous one."""
+    from bench import evaluate
+
+    model = tmp_path / "model"
+    (model / "unet").mkdir(parents=True)
+    weights = model / "unet" / "weights.safetensors"
+    weights.write_bytes(b"\x00" * 64)
+    judge = tmp_path / "classifier.safetensors"
+    judge.write_bytes(b"\x01" * 8)
+    first = evaluate.files_digest(model, judge)
+    assert evaluate.files_digest(model, judge) == first
+    weights.write_bytes(b"\x00" * 63 + b"\x02")
+    retrained = evaluate.files_digest(model, judge)
+    assert retrained != first
+    side = lambda digest: evaluate.CleanSide(tmp_path, "star", 0, {}, 20, {}, digest).stem  # noqa: E731
+    assert side(first) != side(retrained)
