@@ -91,13 +91,14 @@ class Bench:
 
     def __init__(self, model, per_set: int, seed: int, images: int, steps: int | None, sample_steps: int, folder,
                  log=lambda message: None, overrides: dict | None = None):
+        self.overrides = dict(overrides or {})
+        self.steps = evaluate.steps_setting(steps, self.overrides)  # refused before the model is loaded
         self.pipe = load_pipeline(model)
         self.pipe.set_progress_bar_config(disable=True)
         self.backend = DiffusersBackend(self.pipe)
         self.judge = world_classifier.load(evaluate.CLASSIFIER)
-        self.per_set, self.seed, self.images, self.steps, self.sample_steps = per_set, seed, images, steps, sample_steps
-        self.folder, self.log, self.overrides = Path(folder), log, dict(overrides or {})
-        self.steps = evaluate.steps_setting(steps, self.overrides)
+        self.per_set, self.seed, self.images, self.sample_steps = per_set, seed, images, sample_steps
+        self.folder, self.log = Path(folder), log
         self.examples, self.erase_sets, self.clean, self.made, self.sequence = {}, {}, {}, {}, {}
 
     def count(self, entries: list[dict], adapter=None) -> int:
